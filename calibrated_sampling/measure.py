@@ -1,0 +1,255 @@
+"""One measurement pass: human log loss of q (teacher forced) and the entropy of q along its own samples.
+
+The generation entropy is read from the very logits that are sampled: a recording processor sits
+last in ``generate()``'s processor list, so no second scoring pass is needed and the recorded
+distribution is exactly q (after temperature, truncation, calibration, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from .data import Window
+from .metrics import (
+    distinct_n,
+    entce,
+    entropy,
+    masked_mean_per_step,
+    seq_rep_n,
+    smoothed_log_loss,
+    token_log_loss,
+)
+from .samplers import Sampler, parse_sampler
+
+
+class EntropyRecorder(LogitsProcessor):
+    """Records H(q) of every row at every step, and which rows are still running; returns scores unchanged."""
+
+    def __init__(self, prompt_length: int, eos_token_ids: list[int]):
+        self.prompt_length = prompt_length
+        self.eos = torch.tensor(eos_token_ids or [-1])
+        self.entropies: list[torch.Tensor] = []
+        self.running: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        finished = torch.isin(generated, self.eos.to(generated.device)).any(-1)
+        self.running.append((~finished).cpu())
+        self.entropies.append(entropy(scores).cpu())
+        return scores
+
+
+@dataclass
+class GenerationRecord:
+    sequences: torch.Tensor  # (B, T) generated ids (pad after EOS, and past an early stop of all rows)
+    entropy: torch.Tensor  # (B, T) H(q) at each step, float32
+    running: torch.Tensor  # (B, T) bool: the row had not emitted EOS before this step
+    hidden: torch.Tensor | None  # (B, T, H) input of the output embedding that produced step t
+
+
+def _eos_ids(model: PreTrainedModel) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def generate_with_entropy(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_processor: LogitsProcessorList | None = None,
+    max_new_tokens: int = 256,
+    capture_hidden: bool = False,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    cache=None,
+) -> GenerationRecord:
+    """Sample ``max_new_tokens`` from q = ``logits_processor`` applied to the model, recording H(q).
+
+    prompt_ids, attention_mask: (B, P), left padded. The generation config is replaced by a plain
+    sampling one, so q is exactly the given processors (no default top-k or temperature sneaks in).
+    ``cache``: a KV cache of the first P - 1 prompt positions (from :func:`teacher_forced`), which
+    saves the prompt's second forward pass.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    recorder = EntropyRecorder(prompt_ids.shape[1], _eos_ids(model))
+    hidden: list[torch.Tensor] = []
+    handle = None
+    if capture_hidden:
+        # LogitsProcessor.__call__ sees no hidden states; the output embedding's input is the way.
+        handle = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: hidden.append(args[0][:, -1, :].detach()))
+    config = GenerationConfig(
+        do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens,
+        top_k=0, top_p=1.0, temperature=1.0, num_beams=1,
+        pad_token_id=model.generation_config.pad_token_id, eos_token_id=model.generation_config.eos_token_id,
+    )
+    try:
+        with torch.no_grad():
+            extra = {} if cache is None else {"cache": cache}
+            out = model.generate(input_ids=prompt_ids, attention_mask=attention_mask, generation_config=config, **extra,
+                                 logits_processor=LogitsProcessorList([*(logits_processor or []), recorder]))
+    finally:
+        if handle is not None:
+            handle.remove()
+    steps = len(recorder.entropies)
+    batch = prompt_ids.shape[0]
+    sequences = torch.full((batch, max_new_tokens), config.pad_token_id if config.pad_token_id is not None else 0)
+    sequences[:, :steps] = out[:, prompt_ids.shape[1]:].cpu()
+    ent = torch.zeros(batch, max_new_tokens)
+    running = torch.zeros(batch, max_new_tokens, dtype=torch.bool)
+    if steps:
+        ent[:, :steps] = torch.stack(recorder.entropies, 1)
+        running[:, :steps] = torch.stack(recorder.running, 1)
+    states = torch.stack(hidden[:steps], 1) if capture_hidden and steps else None
+    return GenerationRecord(sequences, ent, running, states)
+
+
+def batch_windows(windows: list[Window], pad_id: int, with_continuation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts (optionally followed by their continuations) into (B, L) ids and mask."""
+    rows = [list(w.prompt_ids) + (list(w.continuation_ids) if with_continuation else []) for w in windows]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def _prompt_cache(cache, prompt_length: int):
+    """Cut a KV cache of prompt + continuation back to the first ``prompt_length - 1`` positions, so that
+    generate() runs only the last prompt token; None where the cache type cannot be cut (sliding windows)."""
+    try:
+        cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return cache
+
+
+def teacher_forced(model: PreTrainedModel, sampler: Sampler, windows: list[Window], pad_id: int,
+                   keep_prompt_cache: bool = False) -> dict:
+    """Per-token -log q(human token), smoothed log loss, truncation and H(q) along the human text.
+
+    With ``keep_prompt_cache``, ``out["cache"]`` holds the KV cache of the prompts for generation.
+    """
+    steps = len(windows[0].continuation_ids)
+    if any(len(w.continuation_ids) != steps for w in windows):
+        raise ValueError("all windows in a batch need continuations of the same length")
+    ids, mask = batch_windows(windows, pad_id, with_continuation=True)
+    device = model.device
+    ids, mask = ids.to(device), mask.to(device)
+    # Left padding: positions must count real tokens only, as generate() does.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        decoded = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      use_cache=keep_prompt_cache)
+        hidden = decoded.last_hidden_state  # (B, L, H): the input of the output embedding
+        start = ids.shape[1] - steps  # index of the first continuation token
+        head = model.get_output_embeddings()
+        out = {k: torch.zeros(len(windows), steps) for k in ("log_loss", "smoothed", "entropy")}
+        out["truncated"] = torch.zeros(len(windows), steps, dtype=torch.bool)
+        for t in range(steps):
+            h = hidden[:, start + t - 1]  # (B, H): the state that predicts continuation token t
+            base = head(h).float()
+            q = sampler.teacher_forced_logits(ids[:, : start + t], base, h, t).float()
+            target = ids[:, start + t]
+            loss = token_log_loss(q, target)
+            out["log_loss"][:, t] = loss.cpu()
+            out["truncated"][:, t] = torch.isinf(loss).cpu()
+            out["smoothed"][:, t] = smoothed_log_loss(q, base, target).cpu()
+            out["entropy"][:, t] = entropy(q).cpu()
+    if keep_prompt_cache:
+        out["cache"] = _prompt_cache(getattr(decoded, "cache", None) or decoded.past_key_values, start)
+    return out
+
+
+def _summarise(spec: str, sampler: Sampler, tf: dict, gen: dict, eos_ids: list[int]) -> dict:
+    log_loss, running, gen_ent = tf["log_loss"], gen["running"], gen["entropy"]
+    mean_loss = log_loss.double().mean().item()
+    mean_smoothed = tf["smoothed"].double().mean().item()
+    mean_gen = (gen_ent.double() * running).sum().item() / max(running.sum().item(), 1)
+    finite = math.isfinite(mean_loss)
+    # Truncating samplers have infinite log loss; their EntCE uses the (labelled) smoothed value.
+    reference = mean_loss if finite else mean_smoothed
+    per_prompt = (gen_ent * running).sum(1) / running.sum(1).clamp(min=1) - (
+        log_loss if finite else tf["smoothed"]).mean(1)
+    texts = []
+    for row, run in zip(gen["sequences"].tolist(), running.tolist()):
+        texts.append([tok for tok, r in zip(row, run) if r and tok not in eos_ids])
+    ll_curve, ll_count = masked_mean_per_step(log_loss, torch.ones_like(running))
+    sm_curve, _ = masked_mean_per_step(tf["smoothed"], torch.ones_like(running))
+    ent_curve, ent_count = masked_mean_per_step(gen_ent, running)
+    return {
+        "log_loss": mean_loss,
+        "log_loss_smoothed": mean_smoothed,
+        "truncated_fraction": tf["truncated"].float().mean().item(),
+        "truncating": sampler.truncating,
+        "human_entropy": tf["entropy"].double().mean().item(),
+        "gen_entropy": mean_gen,
+        "entce": entce(mean_gen, reference),
+        "entce_uses_smoothed": not finite,
+        "entce_stderr": (per_prompt.std().item() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else float("nan"),
+        "eos_fraction": 1.0 - running[:, -1].float().mean().item(),
+        "distinct_2": distinct_n(texts, 2),
+        "seq_rep_4": seq_rep_n(texts, 4),
+        "per_step": {"log_loss": ll_curve, "log_loss_smoothed": sm_curve, "gen_entropy": ent_curve,
+                     "count": ent_count, "log_loss_count": ll_count},
+        "samples": texts,
+    }
+
+
+def measure(
+    model: PreTrainedModel,
+    tokenizer,
+    windows: list[Window],
+    samplers: list[str | Sampler],
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    stop_at_eos: bool = True,
+) -> dict[str, dict]:
+    """Measure every sampler on the same prompts: log loss of q on the human continuations and
+    entropy of q along its own samples (``len(continuation)`` new tokens per prompt).
+
+    Returns ``{spec: summary}`` with the keys of ``results.json`` (see the README), plus
+    ``samples`` (the generated token ids, cut at EOS) and ``seconds``.
+    """
+    if not windows:
+        raise ValueError("`windows` is empty: nothing to measure")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, but is {batch_size!r}")
+    steps = len(windows[0].continuation_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model)
+    built = [s if isinstance(s, Sampler) else parse_sampler(s, model) for s in samplers]
+    results = {}
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    bar = tqdm(total=len(built) * len(windows) * steps, unit="tok", disable=not progress, desc="measure")
+    for sampler in built:
+        started = time.perf_counter()
+        tf_parts, gen_parts = [], []
+        with sampler.attach(model):
+            for index, batch in enumerate(batches):
+                bar.set_postfix_str(sampler.spec)
+                tf = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
+                tf_parts.append({k: v for k, v in tf.items() if k != "cache"})
+                ids, mask = batch_windows(batch, pad_id, with_continuation=False)
+                # One seed per batch: a sampler's samples do not depend on which samplers ran before.
+                record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
+                                               steps, seed=seed * 100_003 + index, stop_at_eos=stop_at_eos,
+                                               cache=tf["cache"])
+                gen_parts.append({"sequences": record.sequences, "entropy": record.entropy, "running": record.running})
+                bar.update(len(batch) * steps)
+        tf = {k: torch.cat([p[k] for p in tf_parts]) for k in tf_parts[0]}
+        gen = {k: torch.cat([p[k] for p in gen_parts]) for k in gen_parts[0]}
+        results[sampler.spec] = _summarise(sampler.spec, sampler, tf, gen, eos_ids)
+        results[sampler.spec]["seconds"] = time.perf_counter() - started
+    bar.close()
+    return results

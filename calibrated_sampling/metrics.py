@@ -1,0 +1,105 @@
+"""Calibration and diversity metrics: pure functions of tensors and token lists (nats throughout)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+SMOOTHING = 1e-4  # weight of the base distribution in the smoothed log loss of truncating samplers
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits) over the last axis; ``-inf`` entries carry no mass.
+
+    Computed in float32 at least, since bf16 logits lose the small probabilities that make up the tail.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def token_log_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per position: (..., V), (...) -> (...). ``inf`` where the target is masked."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def smoothed_log_loss(q_logits: torch.Tensor, p_logits: torch.Tensor, targets: torch.Tensor,
+                      weight: float = SMOOTHING) -> torch.Tensor:
+    """-log((1 - w) q(y) + w p(y)): a finite log loss for samplers that give human tokens probability 0."""
+    log_q = -token_log_loss(q_logits, targets)
+    log_p = -token_log_loss(p_logits, targets)
+    return -torch.logaddexp(log_q + math.log1p(-weight), log_p + math.log(weight))
+
+
+def entce(gen_entropy: float, log_loss: float) -> float:
+    """Entropy calibration error: mean generation entropy minus mean human log loss (positive = the
+    model is less certain on its own text than on human text)."""
+    return gen_entropy - log_loss
+
+
+def masked_mean_per_step(values: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Per-step mean over rows where ``mask`` holds: (N, T), (N, T) -> ([T] means, [T] counts).
+    A step with no rows has mean NaN."""
+    mask = mask.bool()
+    counts = mask.sum(0)
+    sums = torch.where(mask, values.double(), torch.zeros((), dtype=torch.float64)).sum(0)
+    means = sums / counts.clamp(min=1)
+    means[counts == 0] = float("nan")
+    return means.tolist(), counts.tolist()
+
+
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(sequences: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Unique n-grams over all n-grams, pooled across sequences (Li et al. 2016). NaN if none."""
+    grams = [g for seq in sequences for g in ngrams(seq, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def seq_rep_n(sequences: Sequence[Sequence[int]], n: int = 4) -> float:
+    """Mean over sequences of 1 - unique n-grams / n-grams (Welleck et al. 2020): 0 = no repetition."""
+    scores = []
+    for seq in sequences:
+        grams = ngrams(seq, n)
+        if grams:
+            scores.append(1.0 - len(set(grams)) / len(grams))
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def self_bleu(sequences: Sequence[Sequence[int]], max_n: int = 4) -> float:
+    """Mean BLEU-``max_n`` of each sequence against all the others as references (Zhu et al. 2018).
+
+    Higher = the generations resemble each other more (less diverse). Uses clipped n-gram precision,
+    the brevity penalty against the closest reference length, and +1 smoothing of the higher orders.
+    """
+    if len(sequences) < 2:
+        return float("nan")
+    counts = [[Counter(ngrams(seq, n)) for n in range(1, max_n + 1)] for seq in sequences]
+    scores = []
+    for i, seq in enumerate(sequences):
+        if not seq:
+            continue
+        log_precision = 0.0
+        for n in range(1, max_n + 1):
+            ref_max: Counter = Counter()
+            for j in range(len(sequences)):
+                if j != i:
+                    ref_max |= counts[j][n - 1]
+            hyp = counts[i][n - 1]
+            total = sum(hyp.values())
+            clipped = sum(min(c, ref_max[g]) for g, c in hyp.items())
+            smooth = 0 if n == 1 else 1
+            if total + smooth == 0 or clipped + smooth == 0:
+                log_precision = -math.inf
+                break
+            log_precision += math.log((clipped + smooth) / (total + smooth)) / max_n
+        ref_len = min((len(s) for j, s in enumerate(sequences) if j != i), key=lambda r: (abs(r - len(seq)), r))
+        brevity = min(0.0, 1.0 - ref_len / len(seq))
+        scores.append(math.exp(log_precision + brevity))
+    return sum(scores) / len(scores) if scores else float("nan")
