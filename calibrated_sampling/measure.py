@@ -3,6 +3,10 @@
 The generation entropy is read from the very logits that are sampled: a recording processor sits
 last in ``generate()``'s processor list, so no second scoring pass is needed and the recorded
 distribution is exactly q (after temperature, truncation, calibration, ...).
+
+Data parallel: when ``torch.distributed`` is initialised (``accelerate launch``, ``torchrun``), batch i
+runs on process i % world_size and the raw per-batch tensors are gathered to every process and put
+back in batch order. Each batch is seeded by its index, so the result equals a one-process run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
@@ -159,7 +164,7 @@ def teacher_forced(model: PreTrainedModel, sampler: Sampler, windows: list[Windo
             h = hidden[:, start + t - 1]  # (B, H): the state that predicts continuation token t
             base = head(h).float()
             q = sampler.teacher_forced_logits(ids[:, : start + t], base, h, t).float()
-            target = ids[:, start + t]
+            target = ids[:, start + t].to(base.device)  # the head may sit on another GPU (device_map)
             loss = token_log_loss(q, target)
             out["log_loss"][:, t] = loss.cpu()
             out["truncated"][:, t] = torch.isinf(loss).cpu()
@@ -205,6 +210,25 @@ def _summarise(spec: str, sampler: Sampler, tf: dict, gen: dict, eos_ids: list[i
     }
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_batches(parts: list[tuple[int, dict, dict]], world: int) -> list[tuple[int, dict, dict]]:
+    """Every process's (batch index, tf part, gen part) triples, on every process, in batch order.
+
+    The parts are CPU tensors; ``all_gather_object`` pickles them (gloo on CPU, nccl on GPU).
+    """
+    if world == 1:
+        return parts
+    gathered: list[list | None] = [None] * world
+    dist.all_gather_object(gathered, parts)
+    return sorted((part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0])
+
+
 def measure(
     model: PreTrainedModel,
     tokenizer,
@@ -217,6 +241,10 @@ def measure(
 ) -> dict[str, dict]:
     """Measure every sampler on the same prompts: log loss of q on the human continuations and
     entropy of q along its own samples (``len(continuation)`` new tokens per prompt).
+
+    Under an initialised ``torch.distributed`` group every process must call this with the same
+    windows and settings; each runs its share of the batches and all of them return the full result,
+    equal to a one-process run (the progress bar shows process 0's share).
 
     Returns ``{spec: summary}`` with the keys of ``results.json`` (see the README), plus
     ``samples`` (the generated token ids, cut at EOS) and ``seconds``.
@@ -231,24 +259,30 @@ def measure(
     built = [s if isinstance(s, Sampler) else parse_sampler(s, model) for s in samplers]
     results = {}
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    bar = tqdm(total=len(built) * len(windows) * steps, unit="tok", disable=not progress, desc="measure")
+    rank, world = _rank_and_world()
+    mine = [index for index in range(len(batches)) if index % world == rank]  # this process's batches
+    bar = tqdm(total=len(built) * sum(len(batches[i]) for i in mine) * steps, unit="tok",
+               disable=not progress or rank != 0, desc="measure")
     for sampler in built:
         started = time.perf_counter()
-        tf_parts, gen_parts = [], []
+        parts = []
         with sampler.attach(model):
-            for index, batch in enumerate(batches):
+            for index in mine:
+                batch = batches[index]
                 bar.set_postfix_str(sampler.spec)
                 tf = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
-                tf_parts.append({k: v for k, v in tf.items() if k != "cache"})
                 ids, mask = batch_windows(batch, pad_id, with_continuation=False)
-                # One seed per batch: a sampler's samples do not depend on which samplers ran before.
+                # One seed per batch: a sampler's samples do not depend on which samplers ran before
+                # (nor on which process ran the batch).
                 record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
                                                steps, seed=seed * 100_003 + index, stop_at_eos=stop_at_eos,
                                                cache=tf["cache"])
-                gen_parts.append({"sequences": record.sequences, "entropy": record.entropy, "running": record.running})
+                parts.append((index, {k: v for k, v in tf.items() if k != "cache"},
+                              {"sequences": record.sequences, "entropy": record.entropy, "running": record.running}))
                 bar.update(len(batch) * steps)
-        tf = {k: torch.cat([p[k] for p in tf_parts]) for k in tf_parts[0]}
-        gen = {k: torch.cat([p[k] for p in gen_parts]) for k in gen_parts[0]}
+        parts = _gather_batches(parts, world)
+        tf = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        gen = {k: torch.cat([p[2][k] for p in parts]) for k in parts[0][2]}
         results[sampler.spec] = _summarise(sampler.spec, sampler, tf, gen, eos_ids)
         results[sampler.spec]["seconds"] = time.perf_counter() - started
     bar.close()

@@ -296,6 +296,31 @@ def fit_scaling(params: Sequence[float], entce: Sequence[float], n_boot: int = 1
             "note": note}
 
 
+def fit_entce_scaling(params: Sequence[float], entce: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
+    """``fit_scaling`` of measured EntCE values, which may all be negative (a model more certain on
+    its own text than on human text): then the fit is of |EntCE| = C * N^beta, and says so.
+
+    Returns ``fit_scaling``'s dict plus ``fitted`` ("EntCE" or "|EntCE|") and ``entce_fitted`` (the
+    values fitted). Raises ValueError when the values have both signs or include 0 (no power law).
+
+    >>> fit = fit_entce_scaling([1e8, 1e9], [-0.5, -0.25])
+    >>> fit["fitted"], round(fit["beta"], 4)
+    ('|EntCE|', -0.301)
+    """
+    values = [float(v) for v in entce]
+    if values and all(v < 0 for v in values):
+        fit = fit_scaling(params, [-v for v in values], n_boot=n_boot, seed=seed)
+        note = "EntCE < 0 for every model: the fit is of |EntCE|"
+        fit.update(fitted="|EntCE|", entce_fitted=[-v for v in values],
+                   note=f"{note}; {fit['note']}" if fit["note"] else note)
+        return fit
+    if any(not v > 0 for v in values) and any(v > 0 for v in values):
+        raise ValueError(f"`entce` has values of both signs (or zero or NaN), which no power law fits: {values}")
+    fit = fit_scaling(params, values, n_boot=n_boot, seed=seed)
+    fit.update(fitted="EntCE", entce_fitted=values)
+    return fit
+
+
 def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: dict, path: str) -> str:
     """Write a log-log PNG of EntCE against model size with the fitted power law; returns ``path``.
 
@@ -314,7 +339,7 @@ def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: dict, pat
     interval = f", 95% CI [{lo:+.3f}, {hi:+.3f}]" if not math.isnan(lo) else ""
     ax.loglog(grid, fit["C"] * grid ** fit["beta"], "-", label=f"fit: beta = {fit['beta']:+.3f}{interval}")
     ax.set_xlabel("parameters N")
-    ax.set_ylabel("EntCE (nats)")
+    ax.set_ylabel(f"{fit.get('fitted', 'EntCE')} (nats)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
