@@ -4,22 +4,33 @@ from its log loss on human text, and correct it with a future-entropy head."""
 __version__ = "0.1.0"
 
 from .data import Document, Window, load_documents, make_windows
+from .heads import FutureEntropyHead, HeadConfig, check_compatible
+from .labels import CorruptShardError, bootstrapped_targets, load_labels, make_labels
 from .measure import generate_with_entropy, measure
 from .metrics import distinct_n, entce, entropy, self_bleu, seq_rep_n, token_log_loss
 from .models import load_model, tokenizer_fingerprint
 from .samplers import Sampler, parse_sampler
+from .train import evaluate_head, train_head
 
 __all__ = [
+    "CorruptShardError",
     "Document",
+    "FutureEntropyHead",
+    "HeadConfig",
     "Sampler",
     "Window",
     "__version__",
+    "bootstrapped_targets",
+    "check_compatible",
     "distinct_n",
     "entce",
     "entropy",
+    "evaluate_head",
     "generate_with_entropy",
     "load_documents",
+    "load_labels",
     "load_model",
+    "make_labels",
     "make_windows",
     "measure",
     "parse_sampler",
@@ -27,4 +38,5 @@ __all__ = [
     "seq_rep_n",
     "token_log_loss",
     "tokenizer_fingerprint",
+    "train_head",
 ]
