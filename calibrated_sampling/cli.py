@@ -169,6 +169,73 @@ def _write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def cmd_label(args) -> int:
+    from .labels import make_labels
+    from .samplers import Sampler, parse_sampler
+
+    model, tokenizer, windows = _load(args)
+    sampler = parse_sampler(args.sampler, model)
+    if args.kind != "returns" and type(sampler) is not Sampler:
+        # rollouts start mid-continuation and teacher forcing never samples: a hooked sampler's step count breaks
+        raise ValueError(f"`--sampler` {args.sampler!r} hooks into the model; it can make `returns` labels only, "
+                         f"not {args.kind!r}")
+    with sampler.attach(model):
+        manifest = make_labels(model, tokenizer, windows, args.kind, args.out, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, seed=args.seed, candidates=args.candidates,
+                               rollouts=args.rollouts, positions=args.positions, horizon=args.horizon,
+                               logits_processor=sampler.processors if sampler.spec != "base" else None,
+                               stop_at_eos=not args.ignore_eos, hidden_dtype=args.hidden_dtype,
+                               data_spec=f"{args.data} split={args.split} prompts={args.num_prompts}")
+    counts = manifest["counts"]
+    print(f"{args.out}: {counts['rows']} rows, {counts['contexts']} contexts, {len(manifest['shards'])} shards "
+          f"({'complete' if manifest['complete'] else 'incomplete'})")
+    return 0
+
+
+def cmd_train_head(args) -> int:
+    from .heads import FutureEntropyHead, HeadConfig
+    from .label_rows import load_training_rows
+    from .models import load_model
+    from .train import evaluate_head, fit_baseline, predict, train_head
+
+    model, tokenizer = load_model(args.model, dtype="float32", device=args.device)
+    folders = [f.strip() for f in args.labels.split(",") if f.strip()]
+    value_fn = None
+    if args.td_value is not None:  # an earlier head's predictions as the value after n steps
+        previous = FutureEntropyHead.from_pretrained(args.td_value, model, tokenizer)
+        value_fn = lambda hidden, token, horizon: predict(previous, {  # noqa: E731
+            "hidden": hidden, "token": token, "horizon": horizon, "target": horizon})
+    train, val, label_settings = load_training_rows(
+        folders, model=model, val_fraction=args.val_fraction, train_fraction=args.train_fraction,
+        td_n=args.td_n, td_lambda=args.td_lambda, value_fn=value_fn)
+    config = HeadConfig.for_model(model, tokenizer, family=args.family, rank=args.rank, mlp_hidden=args.mlp_hidden,
+                                  mlp_layers=args.mlp_layers, max_horizon=args.max_horizon,
+                                  label_settings={"folders": label_settings, "td_n": args.td_n,
+                                                  "td_lambda": args.td_lambda})
+    out = model.get_output_embeddings()
+    head = FutureEntropyHead(config, out.weight.detach() if args.family == "tied" else None)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    result = train_head(head, train, val_rows={k: torch.cat([v[k] for v in val.values()]) for k in train},
+                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
+                        resume=not args.restart, seed=args.seed)
+    baseline = fit_baseline(train)
+    report = {"machine": _machine(), "seconds": time.perf_counter() - started, "train_rows": len(train["target"]),
+              "head_parameters": result.head.num_parameters(), "lm_parameters": config.lm_parameters,
+              "label_settings": label_settings, "validation": {}}
+    print(f"{'labels':<28} {'rows':>7} {'R2':>7} {'R2 base':>8} {'R2 within':>10} {'base within':>11}")
+    for folder, rows in val.items():
+        scores = evaluate_head(result.head, rows, baseline=baseline)
+        report["validation"][Path(folder).name] = scores
+        print(f"{Path(folder).name:<28} {scores['rows']:>7} {scores['r2']:>7.3f} {scores['baseline_r2']:>8.3f} "
+              f"{scores['r2_within']:>10.3f} {scores['baseline_r2_within']:>11.3f}")
+    Path(args.out, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"head: {result.head_dir} ({report['head_parameters']:,} parameters, "
+          f"{report['head_parameters'] / config.lm_parameters:.1%} of the LM); metrics: {args.out}/metrics.json; "
+          f"loss curve: {args.out}/loss.png")
+    return 0
+
+
 def cmd_theory(args) -> int:
     from .theory import format_theory_table, theory_table
 
@@ -310,6 +377,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--out", default="runs/measure", help="output folder")
     p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("label", help="future-entropy labels (returns, rollout, teacher-forced) as safetensors shards")
+    _add_model_args(p)
+    _add_data_args(p, prompts=64, new_tokens=256)
+    p.set_defaults(split="fit")  # heads learn from the fit side; the eval side is for judging them
+    p.add_argument("--kind", required=True, choices=["returns", "rollout", "teacher-forced"])
+    p.add_argument("--sampler", default="base",
+                   help="q, the sampler whose future entropy is labelled: base, temperature=X, ..., or "
+                        "calibrated:HEAD_DIR for a later round (returns labels)")
+    p.add_argument("--candidates", type=int, default=8, help="rollout: top tokens of q besides the human token")
+    p.add_argument("--rollouts", type=int, default=4, help="rollout: continuations per candidate (common noise)")
+    p.add_argument("--positions", type=int, default=4, help="rollout: prefixes per window")
+    p.add_argument("--horizon", type=int, default=None,
+                   help="rollout: steps per rollout; returns / teacher-forced: cap on summed steps (default: to the end)")
+    p.add_argument("--hidden-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--ignore-eos", action="store_true", help="mask EOS out of q: every sequence runs T steps")
+    p.add_argument("--out", required=True, help="label folder (an interrupted run resumes into it)")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("train-head", help="train a future-entropy head on label folders (frozen LM)")
+    p.add_argument("--model", default="smollm2-135m", help="the LM the labels were made with")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present; `accelerate launch` for several)")
+    p.add_argument("--labels", required=True, help="comma-separated label folders (`calibrated-sampling label`)")
+    p.add_argument("--family", default="tied", choices=["tied", "lowrank"])
+    p.add_argument("--rank", type=int, default=None, help="lowrank: columns of the head's own table (default 64)")
+    p.add_argument("--mlp-hidden", type=int, default=1024)
+    p.add_argument("--mlp-layers", type=int, default=2)
+    p.add_argument("--max-horizon", type=int, default=256, help="normaliser of the horizon input")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each folder's windows held out")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this share of the training windows (learning curves)")
+    p.add_argument("--td-n", type=int, default=None, help="bootstrapped targets for returns rows: n steps")
+    p.add_argument("--td-lambda", type=float, default=1.0, help="TD(lambda) mixing of the n-step targets")
+    p.add_argument("--td-value", default=None, help="head folder whose predictions bootstrap (default: baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="discard the checkpoints in --out and start over")
+    p.add_argument("--out", required=True, help="gets checkpoints/, head/, history.json, loss.png, metrics.json")
+    p.set_defaults(func=cmd_train_head)
 
     from .theory import DEFAULT_VOCAB, PAPER_EXPONENTS
 
