@@ -3,9 +3,14 @@ from its log loss on human text, and correct it with a future-entropy head."""
 
 __version__ = "0.1.0"
 
+from .calibrator import FutureEntropyCalibrator, constant_calibration, schedule_weights
+from .compare import find_root, run_comparison
 from .data import Document, Window, load_documents, make_windows
+from .fit import exact_markov_calibration, fit_weights, save_calibration
 from .heads import FutureEntropyHead, HeadConfig, check_compatible
 from .labels import CorruptShardError, bootstrapped_targets, load_labels, make_labels
+from .lookahead import LookaheadProcessor, fit_lookahead_alpha
+from .mauve import compute_mauve
 from .measure import generate_with_entropy, measure
 from .metrics import distinct_n, entce, entropy, self_bleu, seq_rep_n, token_log_loss
 from .models import load_model, tokenizer_fingerprint
@@ -15,17 +20,25 @@ from .train import evaluate_head, train_head
 __all__ = [
     "CorruptShardError",
     "Document",
+    "FutureEntropyCalibrator",
     "FutureEntropyHead",
     "HeadConfig",
+    "LookaheadProcessor",
     "Sampler",
     "Window",
     "__version__",
     "bootstrapped_targets",
     "check_compatible",
+    "compute_mauve",
+    "constant_calibration",
     "distinct_n",
     "entce",
     "entropy",
     "evaluate_head",
+    "exact_markov_calibration",
+    "find_root",
+    "fit_lookahead_alpha",
+    "fit_weights",
     "generate_with_entropy",
     "load_documents",
     "load_labels",
@@ -34,6 +47,9 @@ __all__ = [
     "make_windows",
     "measure",
     "parse_sampler",
+    "run_comparison",
+    "save_calibration",
+    "schedule_weights",
     "self_bleu",
     "seq_rep_n",
     "token_log_loss",

@@ -132,6 +132,40 @@ def cmd_measure(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import PRESETS, run_comparison, write_comparison
+    from .data import load_documents, make_windows
+    from .models import load_model
+
+    preset = PRESETS["full" if args.full else "quick"]
+    overrides = {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "batch_size") if getattr(args, k)}
+    if overrides:
+        from dataclasses import replace
+
+        preset = replace(preset, **overrides)
+    heads = [h.strip() for h in (args.heads or "").split(",") if h.strip()]
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    docs = load_documents(args.data)
+    windows = make_windows(docs, tokenizer, preset.num_prompts, args.prompt_tokens, preset.max_new_tokens,
+                           split="eval")
+    fit_windows = None if args.no_lookahead else make_windows(
+        docs, tokenizer, preset.fit_prompts, args.prompt_tokens, preset.max_new_tokens, split="fit")
+    payload = run_comparison(model, tokenizer, windows, fit_windows, preset, heads=heads, seed=args.seed)
+    settings = {"preset": "full" if args.full else "quick", "num_prompts": preset.num_prompts,
+                "prompt_tokens": args.prompt_tokens, "max_new_tokens": preset.max_new_tokens,
+                "batch_size": preset.batch_size, "seed": args.seed, "split": "eval", "dtype": args.dtype,
+                "heads": heads, "machine": _machine(), "version": __version__,
+                "seconds": round(time.perf_counter() - started, 1)}
+    title = f"{args.model} on {args.data}: {preset.num_prompts} prompts, {preset.max_new_tokens} tokens, seed {args.seed}"
+    paths = write_comparison(args.out, payload, args.model, args.data, settings, tokenizer, title=title)
+    print(paths["report"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"total {settings['seconds']:.0f} s")
+    return 0
+
+
 # --- theory, corpus-exponent, scaling ------------------------------------------------------------
 
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -233,6 +267,57 @@ def cmd_train_head(args) -> int:
     print(f"head: {result.head_dir} ({report['head_parameters']:,} parameters, "
           f"{report['head_parameters'] / config.lm_parameters:.1%} of the LM); metrics: {args.out}/metrics.json; "
           f"loss curve: {args.out}/loss.png")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .data import load_documents, make_windows
+    from .fit import fit_weights, format_calibration, save_calibration
+    from .heads import FutureEntropyHead
+    from .models import load_model
+
+    if args.heldout_prompts < 0:
+        raise ValueError(f"`--heldout-prompts` must be 0 or more, but is {args.heldout_prompts}")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    head = FutureEntropyHead.from_pretrained(args.head, model=model, tokenizer=tokenizer)
+    docs = load_documents(args.data)
+    windows = make_windows(docs, tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens, split="fit")
+    heldout = None
+    if args.heldout_prompts:
+        heldout = make_windows(docs, tokenizer, args.heldout_prompts, args.prompt_tokens, args.max_new_tokens,
+                               split="eval")
+    calibration = fit_weights(model, tokenizer, head, windows, max_new_tokens=args.max_new_tokens,
+                              bin_size=args.bin_size, form=args.form, batch_size=args.batch_size,
+                              heldout_windows=heldout, max_iter=args.max_iter)
+    calibration["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens,
+                                 machine=_machine(), version=__version__)
+    path = save_calibration(args.head, calibration)
+    print(format_calibration(calibration))
+    print(f"\nwrote the weights into {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import LogitsProcessorList
+
+    from .calibrator import FutureEntropyCalibrator
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    calibrator = FutureEntropyCalibrator.from_pretrained(args.head, model, tokenizer, scale=args.scale,
+                                                         past_schedule=args.past_schedule)
+    steps = args.max_new_tokens or calibrator.max_new_tokens
+    if steps > calibrator.max_new_tokens and args.past_schedule == "error":
+        raise ValueError(f"`--max-new-tokens` {steps} is longer than the head's fitted schedule "
+                         f"({calibrator.max_new_tokens} tokens); add --past-schedule base to sample from the base "
+                         f"model after it")
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    torch.manual_seed(args.seed)
+    with calibrator.attached(model), torch.no_grad():
+        # Plain sampling settings: q is exactly the calibrated distribution (no default top-k / temperature).
+        out = model.generate(**inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=steps,
+                             logits_processor=LogitsProcessorList([calibrator]))
+    print(args.prompt + tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     return 0
 
 
@@ -418,6 +503,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard the checkpoints in --out and start over")
     p.add_argument("--out", required=True, help="gets checkpoints/, head/, history.json, loss.png, metrics.json")
     p.set_defaults(func=cmd_train_head)
+
+    from .fit import DEFAULT_BIN_SIZE
+
+    p = sub.add_parser("fit", help="fit a head's calibration weights (one per bin of steps) to human log loss")
+    _add_model_args(p)
+    p.add_argument("--head", required=True, help="head folder; the weights are written into its config.json")
+    p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
+    p.add_argument("--num-prompts", type=int, default=128, help="fit windows (from the `fit` split)")
+    p.add_argument("--heldout-prompts", type=int, default=0, help="held-out windows (from the `eval` split)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="T: the generation length the schedule covers")
+    p.add_argument("--bin-size", type=int, default=DEFAULT_BIN_SIZE, help="steps per weight (the last bin may be shorter)")
+    p.add_argument("--form", default="tied", choices=["tied", "untied", "global"],
+                   help="tied: one alpha per bin; untied: (a, b) per bin; global: one alpha (ablation)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-iter", type=int, default=50, help="Newton passes over the data at most")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("compare", help="all samplers side by side: grids, lookahead, calibrated heads, "
+                                       "matched-EntCE settings, MAUVE, frontier plots")
+    _add_model_args(p)
+    p.add_argument("--data", default="pydoc", help="any `measure --data` spec")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 64 tokens (the default)")
+    size.add_argument("--full", action="store_true", help="fuller grids, 64 prompts x 256 tokens (the README's)")
+    p.add_argument("--heads", default=None, help="comma-separated fitted head folders (calibrated:DIR samplers)")
+    p.add_argument("--num-prompts", type=int, default=None, help="override the preset")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the preset")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--no-lookahead", action="store_true", help="skip the lookahead baseline (its fit and run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare", help="gets results.json, report.md, samples.jsonl, curves.png, "
+                                                        "frontier_logloss.png, frontier_diversity.png")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("generate", help="sample text from the calibrated distribution of a fitted head")
+    _add_model_args(p)
+    p.add_argument("--head", required=True, help="head folder with a fitted calibration (config.json, head.safetensors)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the length the schedule was fitted for")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the future-entropy weights b (0: temperature part)")
+    p.add_argument("--past-schedule", default="error", choices=["error", "base"],
+                   help="steps past the fitted schedule: refuse, or sample from the base model")
+    p.set_defaults(func=cmd_generate)
 
     from .theory import DEFAULT_VOCAB, PAPER_EXPONENTS
 

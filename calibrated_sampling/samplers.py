@@ -3,7 +3,10 @@
 A spec is ``base`` or ``name=value`` terms joined by ``+`` (applied left to right, as in
 ``generate()``): ``temperature=0.9``, ``top_p=0.95``, ``top_k=50``, ``min_p=0.1``,
 ``typical_p=0.9``, ``eta=0.0009``, ``epsilon=0.0003``, ``temperature=0.9+top_p=0.95``.
-All of them are transformers' own warpers; nothing is re-implemented here.
+All of them are transformers' own warpers; nothing is re-implemented here. Other kinds are
+``kind:ARG`` specs from ``SAMPLER_KINDS``: ``calibrated:HEAD_DIR[:scale=S]`` samples from a fitted
+future-entropy calibration (calibrator.py); ``lookahead:alpha=X[:top=C]`` is the one-step
+lookahead baseline of Braverman et al. 2020 (lookahead.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,26 @@ WARPERS: dict[str, tuple[Callable[[str], float], Callable[[float], LogitsProcess
 }
 # Extra sampler kinds (``kind:ARG``) register a builder here: spec, model -> Sampler.
 SAMPLER_KINDS: dict[str, Callable[[str, PreTrainedModel | None], Sampler]] = {}
+
+
+def _calibrated_sampler(spec: str, model: PreTrainedModel | None) -> Sampler:
+    """``calibrated:HEAD_DIR[:scale=S]``: a FutureEntropyCalibrator (imported here: calibrator imports this module)."""
+    from .calibrator import calibrated_sampler
+
+    return calibrated_sampler(spec, model)
+
+
+SAMPLER_KINDS["calibrated"] = _calibrated_sampler
+
+
+def _lookahead_sampler(spec: str, model: PreTrainedModel | None) -> Sampler:
+    """``lookahead:alpha=X[:top=C]``: Braverman et al.'s one-step lookahead (lookahead.py imports this module)."""
+    from .lookahead import lookahead_sampler
+
+    return lookahead_sampler(spec, model)
+
+
+SAMPLER_KINDS["lookahead"] = _lookahead_sampler
 
 
 @dataclass

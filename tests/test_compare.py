@@ -1,0 +1,245 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import EOS_ID, VOCAB, make_model, make_tokenizer, word_text
+from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper
+
+from calibrated_sampling.cli import main
+from calibrated_sampling.compare import Comparison, find_root, reuse_decoder_pass
+from calibrated_sampling.data import Window
+from calibrated_sampling.lookahead import fit_alpha, lookahead_log_loss, lookahead_loss_terms, parse_lookahead
+from calibrated_sampling.mauve import compute_mauve, text_features
+from calibrated_sampling.measure import batch_windows, measure, teacher_forced
+from calibrated_sampling.metrics import entropy
+from calibrated_sampling.samplers import parse_sampler
+
+
+def random_windows(n, prompt_lengths, steps, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (prompt_lengths[i % len(prompt_lengths)] + steps,), generator=rng).tolist()
+        cut = len(ids) - steps
+        out.append(Window(tuple(ids[:cut]), tuple(ids[cut:]), f"doc{i}", "test"))
+    return out
+
+
+def model_windows(model, n, prompt_length, steps, temperature, seed=0):
+    """Windows whose "human" continuations are sampled from the model at ``temperature`` (no EOS)."""
+    prompts = [w.prompt_ids for w in random_windows(n, [prompt_length], 0, seed)]
+    torch.manual_seed(seed)
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor([EOS_ID]), TemperatureLogitsWarper(temperature)])
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompts), attention_mask=torch.ones(n, prompt_length, dtype=torch.long),
+                             do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=steps,
+                             min_new_tokens=steps, logits_processor=processors, pad_token_id=0)
+    return [Window(tuple(p), tuple(out[i, prompt_length:].tolist()), f"doc{i}", "test") for i, p in enumerate(prompts)]
+
+
+# --- matched-entropy search --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_find_root_converges_on_a_known_root(sign):
+    calls = []
+
+    def f(x):
+        calls.append(x)
+        return sign * (x ** 3 - 0.3)
+
+    found = find_root(f, 0.0, 1.0, f(0.0), f(1.0), iterations=12, tol=1e-5, digits=6)
+    assert found["x"] == pytest.approx(0.3 ** (1 / 3), abs=1e-3)
+    assert found["converged"] and len(calls) <= 2 + 12
+    with pytest.raises(ValueError, match="bracket"):
+        find_root(f, 0.0, 0.1, f(0.0), f(0.1), iterations=3)
+
+
+def test_find_root_on_a_log_scale():
+    found = find_root(lambda x: -(math.log10(x) + 4), 1e-6, 0.1, 2.0, -3.0, iterations=8, tol=1e-3, log=True)
+    assert found["x"] == pytest.approx(1e-4, rel=1e-2) and found["converged"]
+    with pytest.raises(ValueError, match="positive bracket"):
+        find_root(lambda x: x, 0.0, 1.0, -1.0, 1.0, iterations=2, log=True)
+
+
+def test_matched_temperature_finds_the_temperature_the_text_came_from(tiny):
+    model, tok = tiny
+    windows = model_windows(model, 24, 6, 24, temperature=0.6)
+    runner = Comparison(model, tok, windows, seed=0, batch_size=24, log=lambda line: None)
+    found = runner.matched("temperature", lambda v: f"temperature={v:g}", {1.0: "base"}, (0.3, 2.0),
+                           iterations=6, tol=0.02)
+    assert found["bracketed"]
+    assert abs(found["entce"]) < min(abs(f) for _, f in found["history"][:3]) + 1e-9
+    assert found["value"] == pytest.approx(0.6, abs=0.12)
+    assert found["measure_calls"] <= 2 + 6
+    assert runner.results[found["spec"]]["roles"][-1] == "matched temperature"
+
+
+# --- MAUVE ---------------------------------------------------------------------------------------------
+
+def test_mauve_identical_sets_give_one_and_different_sets_less():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(200, 16, generator=gen)
+    assert compute_mauve(p, p.clone())["mauve"] == pytest.approx(1.0, abs=1e-6)
+    same_distribution = compute_mauve(p[:100], p[100:])["mauve"]
+    shifted = p[100:].clone()
+    shifted[:, 0] += 4.0
+    different = compute_mauve(p[:100], shifted)["mauve"]
+    assert same_distribution > 0.8
+    assert different < 0.5 * same_distribution
+    assert compute_mauve(p, p.clone(), seed=3)["num_clusters"] == 20
+
+
+def test_text_features_are_mean_pooled_final_hidden_states(tiny):
+    model, _ = tiny
+    sequences = [[5, 6, 7], [8, 9], []]
+    features = text_features(model, sequences, batch_size=2)
+    with torch.no_grad():
+        direct = model.get_decoder()(input_ids=torch.tensor([[8, 9]])).last_hidden_state[0].mean(0)
+    torch.testing.assert_close(features[1], direct.double(), atol=1e-5, rtol=0)
+    assert features[2].isnan().all() and not features[:2].isnan().any()
+
+
+# --- lookahead -----------------------------------------------------------------------------------------
+
+def formula_log_q(model, context, alpha, top):
+    """log q over the vocabulary from the definition: forward passes of context + v for each candidate v."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
+        candidates = logp.topk(top).indices
+        h = torch.stack([entropy(model(torch.tensor([[*context, v]])).logits[0, -1]) for v in candidates.tolist()])
+    weights = torch.softmax(logp[candidates] - alpha * h, -1) * logp[candidates].exp().sum()
+    q = logp.exp().clone()
+    q[candidates] = weights
+    return q.log()
+
+
+@pytest.mark.parametrize("top", [VOCAB, 7])
+def test_lookahead_q_equals_the_formula(tiny, top):
+    model, tok = tiny
+    windows = random_windows(2, [5, 8], 3)  # different prompt lengths: the left padding must be masked
+    sampler = parse_sampler(f"lookahead:alpha=0.4:top={top}", model)
+    with sampler.attach(model):
+        out = teacher_forced(model, sampler, windows, pad_id=0)
+    for i, w in enumerate(windows):
+        for t in range(3):
+            log_q = formula_log_q(model, [*w.prompt_ids, *w.continuation_ids[:t]], 0.4, top)
+            assert out["log_loss"][i, t].item() == pytest.approx(-log_q[w.continuation_ids[t]].item(), abs=1e-4)
+            assert out["entropy"][i, t].item() == pytest.approx(-(log_q.exp() * log_q).sum().item(), abs=1e-4)
+
+
+def test_lookahead_generation_samples_from_the_formula(tiny):
+    """The distribution generate() samples from (recorded by measure) has the entropy of the formula's q."""
+    model, tok = tiny
+    windows = random_windows(1, [6], 4)
+    spec = "lookahead:alpha=-0.3:top=9"
+    # (stop_at_eos=False would mask EOS, which changes q: compare the steps before an EOS instead.)
+    result = measure(model, tok, windows, [spec], batch_size=1, progress=False)[spec]
+    generated = result["samples"][0]
+    assert len(generated) >= 2
+    for t in range(len(generated)):
+        log_q = formula_log_q(model, [*windows[0].prompt_ids, *generated[:t]], -0.3, 9)
+        expected = -(log_q.exp() * log_q).sum().item()
+        assert result["per_step"]["gen_entropy"][t] == pytest.approx(expected, abs=1e-4)
+
+
+def test_alpha_fit_lowers_human_log_loss(tiny):
+    model, tok = tiny
+    terms = lookahead_loss_terms(model, tok, model_windows(model, 6, 5, 10, temperature=0.8), top=12, batch_size=4)
+    fit = fit_alpha(terms)
+    assert fit["log_loss"] <= fit["log_loss_alpha0"] + 1e-12
+    assert abs(lookahead_log_loss(terms, fit["alpha"])[1]) < 1e-5  # the derivative vanishes at the optimum
+    grid = min(lookahead_log_loss(terms, a)[0] for a in torch.linspace(-3, 3, 121).tolist())
+    assert fit["log_loss"] <= grid + 1e-9
+    loss0 = lookahead_log_loss(terms, 0.0)[0]
+    windows = model_windows(model, 6, 5, 10, temperature=0.8)
+    direct = measure(model, tok, windows, ["base"], batch_size=6, progress=False)["base"]["log_loss"]
+    assert loss0 == pytest.approx(direct, abs=1e-5)  # alpha = 0 is the base model
+
+
+def test_lookahead_specs():
+    assert parse_lookahead("lookahead:alpha=0.5:top=4") == {"alpha": 0.5, "top": 4}
+    assert parse_lookahead("lookahead:fit") == {"alpha": "fit", "top": 16}
+    with pytest.raises(ValueError, match="needs data"):
+        parse_sampler("lookahead:fit", make_model())
+    with pytest.raises(ValueError, match="unknown term 'beta=1'"):
+        parse_sampler("lookahead:beta=1", make_model())
+    with pytest.raises(ValueError, match="`alpha` needs a number"):
+        parse_sampler("lookahead:alpha=x", make_model())
+
+
+# --- reuse of the decoder pass, and the comparison end to end ---------------------------------------------
+
+def test_reused_decoder_pass_gives_identical_results(tiny):
+    model, tok = tiny
+    windows = random_windows(4, [5, 9], 6)
+    specs = ["base", "top_p=0.9", "temperature=0.7"]
+    plain = measure(model, tok, windows, specs, batch_size=2, progress=False)
+    memo = {}
+    with reuse_decoder_pass(model, memo):
+        reused = measure(model, tok, windows, specs, batch_size=2, progress=False)
+    assert len(memo) == 2  # one entry per batch, shared by the samplers
+    assert "get_decoder" not in vars(model)
+    for spec in specs:
+        for key in ("log_loss_smoothed", "gen_entropy", "entce", "samples"):
+            assert plain[spec][key] == reused[spec][key]
+    assert batch_windows(windows, 0, True)[0].shape == (4, 15)
+
+
+def _strip_timings(value):
+    if isinstance(value, dict):
+        return {k: _strip_timings(v) for k, v in value.items() if k not in ("seconds", "machine")}
+    if isinstance(value, list):
+        return [_strip_timings(v) for v in value]
+    return value
+
+
+def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
+    tok = make_tokenizer()
+    tiny_model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rng = torch.Generator().manual_seed(0)
+    (tmp_path / "text").mkdir()
+    for i in range(24):
+        (tmp_path / "text" / f"{i}.txt").write_text(word_text(rng, 40))
+    args = ["compare", "--quick", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text"),
+            "--num-prompts", "6", "--max-new-tokens", "8", "--prompt-tokens", "6", "--batch-size", "3",
+            "--heads", str(tmp_path / "no-such-head")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "Matched entropy" in printed and "frontier_logloss.png" in printed
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert {"model", "data", "settings", "samplers", "matched"} <= set(results)
+    assert set(results["matched"]) == {"temperature", "top_p", "min_p"}
+    for name in ("base", "temperature=0.9", "top_p=0.95", "top_k=50", "min_p=0.05", "typical_p=0.95",
+                 "eta=0.0009", "epsilon=0.0003"):
+        r = results["samplers"][name]
+        assert isinstance(r["entce"], float) and isinstance(r["self_bleu"], float) and "per_step" in r
+        assert math.isfinite(r["mauve"]) and 0 <= r["mauve"] <= 1
+    lookahead = results["lookahead"]
+    assert lookahead["spec"] in results["samplers"] and lookahead["log_loss"] <= lookahead["log_loss_alpha0"]
+    top_p = results["samplers"]["top_p=0.95"]
+    assert top_p["truncating"] and (top_p["truncated_fraction"] == 0 or math.isinf(top_p["log_loss"]))
+    for m in results["matched"].values():
+        assert m["spec"] in results["samplers"] and {"entce", "log_loss", "distinct_2", "self_bleu"} <= set(m)
+    assert any("no-such-head" in note for note in results["notes"])
+    for name in ("report.md", "samples.jsonl", "curves.png", "frontier_logloss.png", "frontier_diversity.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 500
+    assert "smoothed" in (tmp_path / "a" / "report.md").read_text()
+    # Same seed, same numbers.
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert json.dumps(_strip_timings(again), sort_keys=True) == json.dumps(_strip_timings(results), sort_keys=True)
+
+
+@pytest.mark.slow
+def test_smollm2_lookahead_equals_the_formula(smollm):
+    model, tok = smollm
+    ids = tok("The quick brown fox jumps over the lazy dog. It was", add_special_tokens=False)["input_ids"]
+    windows = [Window(tuple(ids[:-2]), tuple(ids[-2:]), "doc", "test")]
+    sampler = parse_sampler("lookahead:alpha=0.3:top=4", model)
+    with sampler.attach(model):
+        out = teacher_forced(model, sampler, windows, pad_id=tok.pad_token_id)
+    for t in range(2):
+        log_q = formula_log_q(model, [*ids[:-2], *ids[len(ids) - 2:len(ids) - 2 + t]], 0.3, 4)
+        assert out["log_loss"][0, t].item() == pytest.approx(-log_q[ids[len(ids) - 2 + t]].item(), abs=1e-3)
