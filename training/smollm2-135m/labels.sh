@@ -6,8 +6,8 @@ OUT=${OUT:-runs/labels/smollm2-135m}
 T=256
 # Returns labels: every step of a sampled continuation, target = entropies to the end of the generation.
 calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind returns \
-    --num-prompts ${RETURNS_PROMPTS:-96} --max-new-tokens $T --batch-size 8 --seed 0 --out "$OUT/returns"
+    --num-prompts ${RETURNS_PROMPTS:-40} --max-new-tokens $T --batch-size 8 --seed 0 --out "$OUT/returns"
 # Rollout labels with common random numbers: the candidates of one context, for within-context skill.
 calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind rollout \
-    --num-prompts ${ROLLOUT_PROMPTS:-64} --max-new-tokens $T --candidates 8 --rollouts 2 --positions 4 \
+    --num-prompts ${ROLLOUT_PROMPTS:-24} --max-new-tokens $T --candidates 8 --rollouts 2 --positions 4 \
     --horizon 16 --batch-size 2 --seed 0 --out "$OUT/rollout"
