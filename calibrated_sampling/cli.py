@@ -258,10 +258,15 @@ def cmd_train_head(args) -> int:
               "head_parameters": result.head.num_parameters(), "lm_parameters": config.lm_parameters,
               "label_settings": label_settings, "validation": {}}
     print(f"{'labels':<28} {'rows':>7} {'R2':>7} {'R2 base':>8} {'R2 within':>10} {'base within':>11}")
-    for folder, rows in val.items():
+    groups = {Path(folder).name: rows for folder, rows in val.items()}
+    for kind in {s["kind"] for s in label_settings}:  # several folders of one kind: also judged together
+        names = [s["folder"] for s in label_settings if s["kind"] == kind]
+        if len(names) > 1:
+            groups[f"{kind} (all)"] = {k: torch.cat([groups[n][k] for n in names]) for k in groups[names[0]]}
+    for name, rows in groups.items():
         scores = evaluate_head(result.head, rows, baseline=baseline)
-        report["validation"][Path(folder).name] = scores
-        print(f"{Path(folder).name:<28} {scores['rows']:>7} {scores['r2']:>7.3f} {scores['baseline_r2']:>8.3f} "
+        report["validation"][name] = scores
+        print(f"{name:<28} {scores['rows']:>7} {scores['r2']:>7.3f} {scores['baseline_r2']:>8.3f} "
               f"{scores['r2_within']:>10.3f} {scores['baseline_r2_within']:>11.3f}")
     Path(args.out, "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"head: {result.head_dir} ({report['head_parameters']:,} parameters, "

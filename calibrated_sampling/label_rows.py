@@ -23,9 +23,11 @@ from .train import EVAL_KEYS, baseline_predict, fit_baseline
 FOLDER_STRIDE = 10**12  # context ids of folder i are offset by i * FOLDER_STRIDE, so folders never share one
 
 
-def _window_in_validation(folder_index: int, window: torch.Tensor, val_fraction: float) -> torch.Tensor:
-    """A fixed pseudo-random choice per (folder, window): the same windows validate on every run."""
-    keep = [int.from_bytes(hashlib.sha256(f"{folder_index}/{w}".encode()).digest()[:4], "big") / 2**32 < val_fraction
+def _window_share(window: torch.Tensor, val_fraction: float, salt: str = "validation") -> torch.Tensor:
+    """A fixed pseudo-random choice per window index. Folders labelled from the same data and split list
+    the same prompts in the same order (make_windows is deterministic), so window i is the same prompt
+    in every folder and validates in all of them or in none: no prompt leaks across folders."""
+    keep = [int.from_bytes(hashlib.sha256(f"{salt}/{w}".encode()).digest()[:4], "big") / 2**32 < val_fraction
             for w in window.tolist()]
     return torch.tensor(keep, dtype=torch.bool)
 
@@ -86,9 +88,9 @@ def load_training_rows(
             raise ValueError(f"label folder {folder} has no rows yet")
         steps = manifest["settings"]["max_new_tokens"]
         window = labels["context_id"] // steps
-        held_out = _window_in_validation(index, window, val_fraction)
+        held_out = _window_share(window, val_fraction)
         if train_fraction < 1.0:  # keep the training windows whose hash falls below the fraction
-            train_windows = ~held_out & ~_window_in_validation(-1 - index, window, 1.0 - train_fraction)
+            train_windows = ~held_out & _window_share(window, train_fraction, salt="train-share")
         else:
             train_windows = ~held_out
         target = labels["target"]

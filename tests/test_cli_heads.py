@@ -60,7 +60,7 @@ def test_rows_are_split_by_window_and_never_shared(labelled):
         trained = set((mine // steps).tolist())
         assert held and trained and not held & trained  # whole windows go one way
         assert settings[index]["rows"] + settings[index]["val_rows"] == len(load_labels(folder)["target"])
-    fewer, _, _ = load_training_rows(folders, val_fraction=0.3, train_fraction=0.5)
+    fewer, _, _ = load_training_rows(folders, val_fraction=0.3, train_fraction=0.8)
     assert 0 < len(fewer["target"]) < len(train["target"])
     with pytest.raises(ValueError, match="`val_fraction` must be in \\[0, 1\\], but is 1.5"):
         load_training_rows(folders, val_fraction=1.5)

@@ -11,3 +11,8 @@ calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind r
 calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind rollout \
     --num-prompts ${ROLLOUT_PROMPTS:-24} --max-new-tokens $T --candidates 8 --rollouts 2 --positions 4 \
     --horizon 16 --batch-size 2 --seed 0 --out "$OUT/rollout"
+# More rollout contexts (another seed: other human positions j, also in the first 24 prompts). Window i is
+# the same prompt in every folder, and train-head holds out whole prompts across folders.
+calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind rollout \
+    --num-prompts ${ROLLOUT_PROMPTS_B:-96} --max-new-tokens $T --candidates 8 --rollouts 2 --positions 4 \
+    --horizon 16 --batch-size 2 --seed 1 --out "$OUT/rollout-b"

@@ -15,7 +15,8 @@ from calibrated_sampling.heads import CONFIG_NAME, WEIGHTS_NAME, write_card
 
 
 def row(name: str, metrics: dict) -> str:
-    rollout, returns = metrics["validation"]["rollout"], metrics["validation"]["returns"]
+    validation = metrics["validation"]
+    rollout, returns = validation.get("rollout (all)", validation["rollout"]), validation["returns"]
     return (f"| {name} | {metrics['train_rows']:,} | {returns['r2']:.3f} | {returns['baseline_r2']:.3f} | "
             f"{rollout['r2']:.3f} | {rollout['baseline_r2']:.3f} | {rollout['r2_within']:+.3f} | "
             f"{rollout['contexts_within']} | {metrics['seconds'] / 60:.1f} |")
@@ -36,7 +37,9 @@ def main() -> None:
     shutil.copy2(runs / "full" / "loss.png", dest / "loss.png")
     (dest / "metrics.json").write_text(json.dumps({"full": full, "learning_curve": dict(curve)}, indent=2) + "\n")
     labels = {s["folder"]: s for s in full["label_settings"]}
-    returns, rollout = labels["returns"], labels["rollout"]
+    returns = labels["returns"]
+    rollouts = [s for s in full["label_settings"] if s["kind"] == "rollout"]
+    rollout = rollouts[0]
     lines = [
         "# smollm2-135m future-entropy head",
         "",
@@ -51,7 +54,8 @@ def main() -> None:
         f"step a row, target = entropies to the end of the generation; trained on TD(lambda = "
         f"{full.get('td_lambda', 0.9)}) targets bootstrapped after n = {full.get('td_n', 16)} steps from the "
         "context-entropy baseline, judged against the Monte Carlo returns.",
-        f"- rollout labels: {rollout['windows']} prompts x {rollout['positions']} human prefixes, the human token "
+        f"- rollout labels: {' + '.join(str(s['windows']) for s in rollouts)} prompts (seeds "
+        f"{', '.join(str(s['seed']) for s in rollouts)}) x {rollout['positions']} human prefixes, the human token "
         f"and the top {rollout['candidates']} others, {rollout['rollouts']} rollouts of {rollout['horizon']} steps "
         "each with common random numbers.",
         "- validation: 20% of the prompts of each folder, held out whole (never a row of a training prompt).",
