@@ -38,6 +38,15 @@ def make_model(seed: int = 0, vocab: int = VOCAB) -> LlamaForCausalLM:
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread than on two busy cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_model():
     return make_model()

@@ -24,12 +24,7 @@ from calibrated_sampling.samplers import parse_sampler
 SCHEDULE = {"form": "untied", "max_new_tokens": 8, "bin_size": 3, "a": [1.2, 0.9, 1.05], "b": [0.05, 0.02, 0.1]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make_head(model, tokenizer=None, family="tied", seed=0, calibration=None) -> FutureEntropyHead:

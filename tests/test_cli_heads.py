@@ -14,13 +14,7 @@ from calibrated_sampling.labels import bootstrapped_targets, load_labels
 from calibrated_sampling.models import load_model
 from calibrated_sampling.train import baseline_predict, fit_baseline
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 @pytest.fixture(scope="module")

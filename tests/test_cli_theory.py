@@ -11,14 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from calibrated_sampling.cli import count_parameters, main
 from calibrated_sampling.theory import fit_entce_scaling
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two busy cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def sized_model(hidden: int, seed: int = 0) -> LlamaForCausalLM:

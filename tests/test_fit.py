@@ -21,13 +21,7 @@ from calibrated_sampling.fit import (
 )
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig, load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def random_problem(seed: int, rows: int = 300, vocab: int = 7, bins: int = 2, a: float = 1.3, b: float = 0.15):

@@ -24,13 +24,7 @@ from calibrated_sampling.train import (
 H, V = 32, 99
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to other jobs competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make_head(model, family: str = "tied", **kwargs) -> FutureEntropyHead:

@@ -16,3 +16,9 @@ calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind r
 calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind rollout \
     --num-prompts ${ROLLOUT_PROMPTS_B:-96} --max-new-tokens $T --candidates 8 --rollouts 2 --positions 4 \
     --horizon 16 --batch-size 2 --seed 1 --out "$OUT/rollout-b"
+# One-step labels: horizon 1 with one rollout is F_1(x, v) = H(p(. | x, v)) exactly, with no sampling noise,
+# for the human token and the top 32 others at 16 prefixes per prompt: a cheap, noiseless within-context
+# signal (the candidate's effect on the future is largest right after it).
+calibrated-sampling label --model smollm2-135m --data pydoc --split fit --kind rollout \
+    --num-prompts ${ONESTEP_PROMPTS:-96} --max-new-tokens $T --candidates 32 --rollouts 1 --positions 16 \
+    --horizon 1 --batch-size 8 --seed 2 --out "$OUT/onestep"

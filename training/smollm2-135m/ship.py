@@ -36,6 +36,7 @@ def main() -> None:
         shutil.copy2(runs / "full" / "head" / name, dest / name)
     shutil.copy2(runs / "full" / "loss.png", dest / "loss.png")
     (dest / "metrics.json").write_text(json.dumps({"full": full, "learning_curve": dict(curve)}, indent=2) + "\n")
+    label_record = json.loads((runs / "full" / "head" / CONFIG_NAME).read_text())["label_settings"]
     labels = {s["folder"]: s for s in full["label_settings"]}
     returns = labels["returns"]
     rollouts = [s for s in full["label_settings"] if s["kind"] == "rollout"]
@@ -52,7 +53,7 @@ def main() -> None:
         "head is judged on in the README uses the `eval` side.",
         f"- returns labels: {returns['windows']} prompts, {returns['max_new_tokens']} sampled tokens each, every "
         f"step a row, target = entropies to the end of the generation; trained on TD(lambda = "
-        f"{full.get('td_lambda', 0.9)}) targets bootstrapped after n = {full.get('td_n', 16)} steps from the "
+        f"{label_record['td_lambda']}) targets bootstrapped after n = {label_record['td_n']} steps from the "
         "context-entropy baseline, judged against the Monte Carlo returns.",
         f"- rollout labels: {' + '.join(str(s['windows']) for s in rollouts)} prompts (seeds "
         f"{', '.join(str(s['seed']) for s in rollouts)}) x {rollout['positions']} human prefixes, the human token "

@@ -5,7 +5,7 @@
 set -euo pipefail
 LABELS=${LABELS:-runs/labels/smollm2-135m}
 OUT=${OUT:-runs/heads/smollm2-135m}
-COMMON=(--model smollm2-135m --labels "$LABELS/returns,$LABELS/rollout,$LABELS/rollout-b" --family tied --mlp-hidden 1024
+COMMON=(--model smollm2-135m --labels "$LABELS/returns,$LABELS/rollout,$LABELS/rollout-b,$LABELS/onestep" --family tied --mlp-hidden 1024
         --epochs ${EPOCHS:-4} --batch-size 256 --lr 1e-3 --val-fraction 0.2 --td-n ${TD_N:-16} --td-lambda 0.9 --seed 0)
 for fraction in ${FRACTIONS:-0.25 0.5}; do  # the learning curve
     calibrated-sampling train-head "${COMMON[@]}" --train-fraction "$fraction" --out "$OUT/fraction-$fraction"
