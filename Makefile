@@ -22,7 +22,8 @@ install: $(STAMP)
 
 # The comparison at its quick size (about 10 minutes on 2 CPU cores): prints the table and the plot paths.
 demo: install
-	$(VENV)/bin/calibrated-sampling compare --quick --model smollm2-135m --data pydoc --out runs/demo
+	$(VENV)/bin/calibrated-sampling compare --quick --model smollm2-135m --data pydoc \
+		--heads heads/smollm2-135m --out runs/demo
 
 test: install
 	$(PY) -m pytest -q -ra

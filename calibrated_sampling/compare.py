@@ -56,8 +56,8 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(num_prompts=16, max_new_tokens=64, fit_prompts=8, search_iterations=3, lookahead_top=8,
-                    batch_size=16),
+    "quick": Preset(num_prompts=16, max_new_tokens=64, fit_prompts=8, search_iterations=3, lookahead_top=4,
+                    batch_size=16, scale=(2.0,)),
     "full": Preset(num_prompts=64, max_new_tokens=256, fit_prompts=32, search_iterations=5, lookahead_top=16,
                    batch_size=16, temperature=(0.7, 0.8, 0.9, 0.95, 1.05), top_p=(0.8, 0.9, 0.95, 0.98),
                    top_k=(20, 50, 100), min_p=(0.02, 0.05, 0.1), typical_p=(0.9, 0.95), eta=(0.0003, 0.0009),

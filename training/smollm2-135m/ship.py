@@ -11,21 +11,46 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from calibrated_sampling.heads import CONFIG_NAME, WEIGHTS_NAME, write_card
+from calibrated_sampling.labels import load_labels, read_manifest
+
+WITHIN = ("onestep", "rollout", "rollout-b")  # the folders whose contexts have several candidates
 
 
 def row(name: str, metrics: dict) -> str:
     validation = metrics["validation"]
-    rollout, returns = validation.get("rollout (all)", validation["rollout"]), validation["returns"]
+    returns = validation["returns"]
+    within = [f"{validation[f]['r2_within']:+.3f} ({validation[f]['contexts_within']})" for f in WITHIN]
     return (f"| {name} | {metrics['train_rows']:,} | {returns['r2']:.3f} | {returns['baseline_r2']:.3f} | "
-            f"{rollout['r2']:.3f} | {rollout['baseline_r2']:.3f} | {rollout['r2_within']:+.3f} | "
-            f"{rollout['contexts_within']} | {metrics['seconds'] / 60:.1f} |")
+            + " | ".join(within) + f" | {metrics['seconds'] / 60:.1f} |")
+
+
+def labelled_windows(folder: Path) -> int:
+    """Prompts actually labelled in a (possibly unfinished) label folder."""
+    return sum(end - start for start, end in (e["windows"] for e in read_manifest(folder)["shards"]))
+
+
+def rollout_agreement(folders: list[Path]) -> float:
+    """Within-context correlation between the first two rollouts of each candidate: the reliability of
+    one rollout target, which caps the within-context R^2 any head can reach on them."""
+    first, second = [], []
+    for folder in folders:
+        rows = load_labels(folder)
+        _, group = torch.unique(rows["context_id"], return_inverse=True)
+        counts = torch.bincount(group).double()
+        for column, out in ((0, first), (1, second)):
+            x = rows["rollout_returns"][:, column].double()
+            out.append(x - torch.zeros(len(counts), dtype=x.dtype).index_add_(0, group, x)[group] / counts[group])
+    return torch.corrcoef(torch.stack([torch.cat(first), torch.cat(second)]))[0, 1].item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/heads/smollm2-135m")
     parser.add_argument("--dest", default="heads/smollm2-135m")
+    parser.add_argument("--labels", default="runs/labels/smollm2-135m")
     args = parser.parse_args()
     runs, dest = Path(args.runs), Path(args.dest)
     full = json.loads((runs / "full" / "metrics.json").read_text())
@@ -38,9 +63,9 @@ def main() -> None:
     (dest / "metrics.json").write_text(json.dumps({"full": full, "learning_curve": dict(curve)}, indent=2) + "\n")
     label_record = json.loads((runs / "full" / "head" / CONFIG_NAME).read_text())["label_settings"]
     labels = {s["folder"]: s for s in full["label_settings"]}
-    returns = labels["returns"]
-    rollouts = [s for s in full["label_settings"] if s["kind"] == "rollout"]
-    rollout = rollouts[0]
+    returns, rollout, onestep = labels["returns"], labels["rollout"], labels["onestep"]
+    done = {name: labelled_windows(Path(args.labels) / name) for name in labels}
+    agreement = rollout_agreement([Path(args.labels) / "rollout", Path(args.labels) / "rollout-b"])
     lines = [
         "# smollm2-135m future-entropy head",
         "",
@@ -55,18 +80,28 @@ def main() -> None:
         f"step a row, target = entropies to the end of the generation; trained on TD(lambda = "
         f"{label_record['td_lambda']}) targets bootstrapped after n = {label_record['td_n']} steps from the "
         "context-entropy baseline, judged against the Monte Carlo returns.",
-        f"- rollout labels: {' + '.join(str(s['windows']) for s in rollouts)} prompts (seeds "
-        f"{', '.join(str(s['seed']) for s in rollouts)}) x {rollout['positions']} human prefixes, the human token "
-        f"and the top {rollout['candidates']} others, {rollout['rollouts']} rollouts of {rollout['horizon']} steps "
-        "each with common random numbers.",
+        f"- rollout labels (`rollout`, `rollout-b`: seeds 0 and 1, other prefixes): {done['rollout']} + "
+        f"{done['rollout-b']} prompts x {rollout['positions']} human prefixes, the human token and the top "
+        f"{rollout['candidates']} others, {rollout['rollouts']} rollouts of {rollout['horizon']} steps each with "
+        "common random numbers.",
+        f"- one-step labels (`onestep`): {done['onestep']} prompts x {onestep['positions']} human prefixes, the human "
+        f"token and the top {onestep['candidates']} others; horizon 1 with one rollout is F_1(x, v) = H(p(. | x, v)) "
+        "exactly, a noiseless within-context target.",
+        "- labelled prompts out of those the recipe asks for: " + ", ".join(
+            f"{name} {done[name]} of {labels[name]['windows']}" for name in labels)
+        + " (the session's CPU budget ran out; `labels.sh` resumes the rest).",
         "- validation: 20% of the prompts of each folder, held out whole (never a row of a training prompt).",
         "",
-        "Held-out R^2 (baseline = least squares on the context's entropy and the remaining horizon, no token; "
-        "within = rows demeaned per context, i.e. how well the candidates of one context are ranked):",
+        "Held-out R^2 on the Monte Carlo returns (baseline: least squares on the context's entropy and the "
+        "remaining horizon, no token), and within-context R^2 (rows demeaned per context: how well the candidates "
+        "of one context are ranked; any predictor constant within a context scores 0; held-out contexts in "
+        "brackets). onestep targets are exact; a 16-step rollout target is the mean of 2 rollouts, whose "
+        "within-context reliability caps the attainable R^2 (one rollout agrees with the other at "
+        f"within-context correlation {agreement:.2f}, so the mean of two at {2 * agreement / (1 + agreement):.2f}).",
         "",
-        "| training share | rows | returns R^2 | baseline | rollout R^2 | baseline | rollout R^2 within | contexts "
+        "| training share | rows | returns R^2 | baseline | within: onestep | within: rollout | within: rollout-b "
         "| minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
         *[row(f"{share:.0%}", metrics) for share, metrics in curve],
         row("100%", full),
         "",
