@@ -136,6 +136,15 @@ def load_documents(spec: str, chunk_chars: int = CHUNK_CHARS) -> list[Document]:
         "nor an existing file, folder or glob")
 
 
+def _leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id when the tokenizer puts it in front of every text by default, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def make_windows(
     documents: list[Document],
     tokenizer: PreTrainedTokenizerBase,
@@ -169,16 +178,22 @@ def make_windows(
     if split is not None:
         pool = [d for d in pool if split_of(d.key, eval_fraction) == split]
     token_ids = tokenizer([d.text for d in pool], add_special_tokens=False)["input_ids"] if pool else []
-    usable = [(doc, ids) for doc, ids in zip(pool, token_ids) if len(ids) >= need]
+    # Models whose tokenizer starts every text with BOS (Gemma) degrade badly without it: such prompts
+    # begin with BOS and one text token fewer, so a window still holds `need` tokens in all.
+    bos = _leading_bos(tokenizer)
+    lead = () if bos is None else (bos,)
+    text_need = need - len(lead)
+    usable = [(doc, ids) for doc, ids in zip(pool, token_ids) if len(ids) >= text_need]
     windows = []
-    for k in range(max((len(ids) // need for _, ids in usable), default=0)):
+    cut = prompt_tokens - len(lead)  # text tokens in a prompt
+    for k in range(max((len(ids) // text_need for _, ids in usable), default=0)):
         for doc, ids in usable:
             if len(windows) == num_prompts:
                 break
-            if len(ids) >= (k + 1) * need:
-                start = k * need
-                windows.append(Window(tuple(ids[start:start + prompt_tokens]),
-                                      tuple(ids[start + prompt_tokens:start + need]), doc.key, f"{doc.source}@{start}"))
+            if len(ids) >= (k + 1) * text_need:
+                start = k * text_need
+                windows.append(Window(lead + tuple(ids[start:start + cut]), tuple(ids[start + cut:start + text_need]),
+                                      doc.key, f"{doc.source}@{start}"))
     side = f" in the {split!r} split" if split else ""
     if len(usable) < len(pool):
         warnings.warn(f"dropped {len(pool) - len(usable)} of {len(pool)} documents{side} shorter than "

@@ -71,3 +71,21 @@ def test_too_few_documents_says_how_many_were_dropped():
             make_windows(docs, tok, 5, prompt_tokens=10, continuation_tokens=10, split=None)
     with pytest.raises(ValueError, match="`prompt_tokens` must be a positive integer, but is 0"):
         make_windows(docs, tok, 1, prompt_tokens=0, split=None)
+
+
+def test_prompts_start_with_bos_when_the_tokenizer_adds_it():
+    from tokenizers import processors
+
+    rng = torch.Generator().manual_seed(0)
+    docs = [Document(word_text(rng, 60), "test") for _ in range(6)]
+    plain = make_tokenizer()
+    with_bos = make_tokenizer()
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                                              special_tokens=[("<bos>", 1)])
+    assert with_bos("w1")["input_ids"][0] == 1 and plain("w1")["input_ids"][0] != 1
+    a = make_windows(docs, plain, 4, prompt_tokens=8, continuation_tokens=6, split=None)
+    b = make_windows(docs, with_bos, 4, prompt_tokens=8, continuation_tokens=6, split=None)
+    for x, y in zip(a, b):
+        assert 1 not in x.prompt_ids and y.prompt_ids[0] == 1  # only BOS-adding tokenizers get it
+        assert len(y.prompt_ids) == 8 and len(y.continuation_ids) == 6
+        assert y.prompt_ids[1:] + y.continuation_ids == (x.prompt_ids + x.continuation_ids)[:13]
