@@ -8,7 +8,8 @@ from .compare import find_root, run_comparison
 from .data import Document, Window, load_documents, make_windows
 from .fit import exact_markov_calibration, fit_weights, save_calibration
 from .heads import FutureEntropyHead, HeadConfig, check_compatible
-from .labels import CorruptShardError, bootstrapped_targets, load_labels, make_labels
+from .label_store import CorruptShardError, MissingHiddenError, load_labels
+from .labels import bootstrapped_targets, make_labels
 from .lookahead import LookaheadProcessor, fit_lookahead_alpha
 from .mauve import compute_mauve
 from .measure import generate_with_entropy, measure
@@ -19,6 +20,7 @@ from .train import evaluate_head, train_head
 
 __all__ = [
     "CorruptShardError",
+    "MissingHiddenError",
     "Document",
     "FutureEntropyCalibrator",
     "FutureEntropyHead",

@@ -249,12 +249,11 @@ def cmd_train_head(args) -> int:
     out = model.get_output_embeddings()
     head = FutureEntropyHead(config, out.weight.detach() if args.family == "tied" else None)
     torch.manual_seed(args.seed)
-    started = time.perf_counter()
     result = train_head(head, train, val_rows={k: torch.cat([v[k] for v in val.values()]) for k in train},
                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
                         resume=not args.restart, seed=args.seed)
     baseline = fit_baseline(train)
-    report = {"machine": _machine(), "seconds": time.perf_counter() - started, "train_rows": len(train["target"]),
+    report = {"machine": _machine(), "seconds": result.seconds, "train_rows": len(train["target"]),
               "head_parameters": result.head.num_parameters(), "lm_parameters": config.lm_parameters,
               "label_settings": label_settings, "validation": {}}
     print(f"{'labels':<28} {'rows':>7} {'R2':>7} {'R2 base':>8} {'R2 within':>10} {'base within':>11}")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .labels import bootstrapped_targets, load_labels, read_manifest
+from .label_store import check_labels_match, load_labels, read_manifest
+from .labels import bootstrapped_targets
 from .train import EVAL_KEYS, baseline_predict, fit_baseline
 
 FOLDER_STRIDE = 10**12  # context ids of folder i are offset by i * FOLDER_STRIDE, so folders never share one
@@ -30,20 +31,6 @@ def _window_share(window: torch.Tensor, val_fraction: float, salt: str = "valida
     keep = [int.from_bytes(hashlib.sha256(f"{salt}/{w}".encode()).digest()[:4], "big") / 2**32 < val_fraction
             for w in window.tolist()]
     return torch.tensor(keep, dtype=torch.bool)
-
-
-def check_labels_match(manifest: dict, model) -> None:
-    """Refuse labels made with another LM (other sizes, name or weights): their hidden states and
-    entropies would be meaningless to a head for ``model``."""
-    from .labels import weights_digest
-    from .models import model_fingerprint
-
-    recorded = manifest["settings"].get("model", {})
-    found = {**model_fingerprint(model), "weights": weights_digest(model)}
-    differences = [f"`{k}`: labels {recorded.get(k)!r}, model {v!r}" for k, v in found.items()
-                   if recorded.get(k) not in (None, "") and recorded.get(k) != v]
-    if differences:
-        raise ValueError("the labels were made with another model: " + "; ".join(differences))
 
 
 def load_training_rows(
@@ -60,7 +47,8 @@ def load_training_rows(
 
     Args:
         folders: label folders written by :func:`labels.make_labels`.
-        model: when given, every folder must have been labelled with this LM.
+        model: when given, every folder must have been labelled with this LM; rebuilds missing
+            hidden-state caches (without it, every folder needs its cache).
         val_fraction: share of each folder's windows held out for validation.
         train_fraction: use only this share of the training windows (learning curves over label count).
         td_n, td_lambda: bootstrapped targets for returns / teacher-forced rows (None: Monte Carlo returns).
@@ -83,7 +71,7 @@ def load_training_rows(
         manifest = read_manifest(folder)
         if model is not None:
             check_labels_match(manifest, model)
-        labels = load_labels(folder)
+        labels = load_labels(folder, model=model)  # model: rebuilds a missing hidden-state cache
         if not labels:
             raise ValueError(f"label folder {folder} has no rows yet")
         steps = manifest["settings"]["max_new_tokens"]

@@ -31,14 +31,14 @@ effect of the candidate rather than independent sampling noise. The prefix is pr
 rollout steps of a window share one incremental prefill), then its cache is copied and expanded with
 ``Cache.batch_repeat_interleave`` to (candidates + 1) * rollouts rows per prefix.
 
-Storage. An output folder holds ``shard-00000.safetensors``, ... and ``manifest.json``. The windows
-are cut into fixed batches of ``batch_size``; shard i holds batch i, whose seed is derived from the
-global seed and i, so an interrupted run resumes with the missing shards and produces the same
+Storage (:mod:`label_store`). An output folder holds ``shard-00000.safetensors``, ... and
+``manifest.json``, plus a rebuildable cache ``hidden-00000.safetensors``, ... of the hidden states. The
+windows are cut into fixed batches of ``batch_size``; shard i holds batch i, whose seed is derived from
+the global seed and i, so an interrupted run resumes with the missing shards and produces the same
 bytes as an uninterrupted one. Files are written to a temporary name and renamed; the manifest
 (settings, model and tokenizer fingerprints, counts, the sha256 of every shard) is rewritten after
-each shard. Keys of a shard (N rows, S samples, T = max_new_tokens, H = hidden size):
+each shard. Keys of a shard (N rows, S samples, W windows, T = max_new_tokens):
 
-    hidden           (N, H)  float32 (or bfloat16 with hidden_dtype): input of the output embedding at x
     token            (N,)    int64    the token v after x (sampled, candidate, or human)
     horizon          (N,)    int64    later steps summed into the target (see above)
     target           (N,)    float32  summed later entropies of q, nats
@@ -51,6 +51,11 @@ each shard. Keys of a shard (N rows, S samples, T = max_new_tokens, H = hidden s
     samples.length   (S,)    int64    running steps of the sequence (through the EOS step)
     human            (N,)    bool     rollout: the candidate is the human token
     rollout_returns  (N, m)  float32  rollout: the summed entropies of each of the m rollouts
+    windows.ids      (W, L)  int64    prompt + the T continuation tokens the rows lie on (sampled for
+                                      returns, human otherwise), left-padded with -1: x of every row
+
+and of its cache: ``hidden`` (N, H), float32 or bfloat16 (``hidden_dtype``), the input of the output
+embedding at x. :func:`load_labels` returns the rows with ``hidden``.
 
 "window" is the index of the window in the list given to :func:`make_labels`; one window gives one
 sequence, so ids depend on nothing but the batch itself (shards can be made in any order, or by
@@ -67,33 +72,41 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
 from .data import Window, split_of
+from .label_store import (  # noqa: F401  (re-exported: the storage API predates its own module)
+    FORMAT,
+    FORMAT_VERSION,
+    HIDDEN_DTYPES,
+    MANIFEST,
+    SHARD_NAME,
+    WINDOWS,
+    CorruptShardError,
+    MissingHiddenError,
+    iter_shards,
+    load_labels,
+    load_shard,
+    read_manifest,
+    weights_digest,
+    window_ids,
+    write_atomic,
+    write_hidden,
+    write_manifest,
+)
 from .measure import batch_windows, generate_with_entropy
 from .metrics import entropy
 from .models import model_fingerprint, tokenizer_fingerprint
 
 KINDS = ("returns", "rollout", "teacher-forced")
-FORMAT = "calibrated-sampling-labels"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARD_NAME = "shard-{:05d}.safetensors"
-SAMPLES = "samples."  # prefix of the per-sequence keys (length S); all other keys are per row (length N)
-HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class CorruptShardError(ValueError):
-    """A label shard is missing or does not match the checksum its manifest recorded."""
 
 
 @dataclass(frozen=True)
@@ -450,81 +463,6 @@ def bootstrapped_targets(labels: dict[str, torch.Tensor],
 # Storage
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    _write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """The manifest of a label folder (settings, counts, shards)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a label folder: it has no {MANIFEST}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a calibrated-sampling label manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has label format version {manifest.get('version')}, this library reads "
-                         f"version {FORMAT_VERSION}")
-    return manifest
-
-
-def _load_shard(path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """Read a shard once, check those very bytes against the manifest's sha256, then parse them."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptShardError(f"label shard {path} is missing (the manifest lists it)") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise CorruptShardError(f"label shard {path} is corrupt: sha256 {digest[:16]}... differs from the "
-                                f"{sha256[:16]}... its manifest recorded; delete the folder and relabel")
-    return load_safetensors(data)
-
-
-def iter_shards(directory: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the shards of a label folder in order, each verified against its checksum."""
-    directory = Path(directory)
-    for entry in read_manifest(directory)["shards"]:
-        yield _load_shard(directory / entry["file"], entry["sha256"])
-
-
-def load_labels(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All shards of a label folder, verified and concatenated (rows along dim 0, ``samples.*`` likewise).
-
-    Raises:
-        CorruptShardError: a shard is missing or its bytes differ from the manifest's checksum.
-    """
-    manifest = read_manifest(directory)
-    if not manifest["complete"]:
-        warnings.warn(f"label folder {directory} is incomplete ({len(manifest['shards'])} of "
-                      f"{manifest['batches']} shards); rerun make_labels to finish it", stacklevel=2)
-    shards = list(iter_shards(directory))
-    if not shards:
-        return {}
-    return {key: torch.cat([s[key] for s in shards]) for key in sorted(shards[0])}
-
-
-def weights_digest(model: PreTrainedModel) -> str:
-    """A short hash of the model's parameters (names, shapes and ~1k strided values of each): two
-    models with the same config but other weights (another checkpoint, another dtype) differ."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().contiguous()
-        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def describe_processors(logits_processor: LogitsProcessorList | None) -> str:
     """A readable, stable description of q: ``base`` or the processors with their scalar settings."""
     if not logits_processor:
@@ -557,14 +495,14 @@ def _open_folder(directory: Path, record: dict, batches: int) -> dict:
             raise ValueError(f"{directory} holds labels made with other settings ({diff}); "
                              "use a new output folder, or the same settings to resume")
         for entry in manifest["shards"]:  # never build on a damaged shard
-            _load_shard(directory / entry["file"], entry["sha256"])
+            load_shard(directory / entry["file"], entry["sha256"])
         return manifest
     if directory.exists() and any(p for p in directory.iterdir() if not p.name.endswith(".tmp")):
         raise ValueError(f"output folder {directory} is not empty and holds no {MANIFEST}; use a new folder")
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "settings": record, "batches": batches,
                 "complete": False, "counts": {"rows": 0, "contexts": 0, "samples": 0}, "shards": []}
-    _write_manifest(directory, manifest)
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -665,9 +603,15 @@ def make_labels(
     storage = HIDDEN_DTYPES[hidden_dtype]
     for index in (i for i in range(len(batches)) if i not in done):
         first_window = index * batch_size
-        rows = _label_batch(model, batches[index], settings, derive_seed(seed, index), logits_processor,
-                            pad_token_id)
-        rows["hidden"] = rows["hidden"].to(storage)
+        batch = batches[index]
+        rows = _label_batch(model, batch, settings, derive_seed(seed, index), logits_processor, pad_token_id)
+        hidden = rows.pop("hidden").to(storage)
+        if kind == "returns":  # the sampled continuations, read back from the rows (pad after EOS)
+            continuations = torch.full((len(batch), max_new_tokens), pad_token_id, dtype=torch.long)
+            continuations[rows["sample_id"], rows["step"]] = rows["token"]
+        else:
+            continuations = torch.tensor([w.continuation_ids[:max_new_tokens] for w in batch], dtype=torch.long)
+        rows[WINDOWS + "ids"] = window_ids([w.prompt_ids for w in batch], continuations)
         rows["context_id"] = rows["context_id"] + first_window * max_new_tokens  # window * T + step
         for key in ("sample_id", "samples.id"):
             if key in rows:
@@ -675,18 +619,20 @@ def make_labels(
         data = save_safetensors({k: v.contiguous() for k, v in rows.items()},
                                 metadata={"labels": f"{kind} batch {index}"})  # one key: multi-key order varies
         name = SHARD_NAME.format(index)
-        _write_atomic(directory / name, data)
+        digest = hashlib.sha256(data).hexdigest()
+        write_hidden(directory, index, hidden, digest)  # the cache first: a shard is never without one here
+        write_atomic(directory / name, data)
         manifest["shards"].append({
-            "file": name, "sha256": hashlib.sha256(data).hexdigest(), "batch": index,
-            "windows": [first_window, first_window + len(batches[index])], "rows": len(rows["token"]),
+            "file": name, "sha256": digest, "batch": index,
+            "windows": [first_window, first_window + len(batch)], "rows": len(rows["token"]),
             "contexts": int(rows["context_id"].unique().numel()), "samples": len(rows.get("samples.id", ())),
         })
         manifest["shards"].sort(key=lambda entry: entry["batch"])
         manifest["counts"] = {key: sum(entry[key] for entry in manifest["shards"])
                               for key in ("rows", "contexts", "samples")}
         manifest["complete"] = len(manifest["shards"]) == len(batches)
-        _write_manifest(directory, manifest)
-        bar.update(len(batches[index]))
+        write_manifest(directory, manifest)
+        bar.update(len(batch))
         bar.set_postfix(rows=manifest["counts"]["rows"])
     bar.close()
     return manifest

@@ -16,23 +16,30 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
     Computed in float32 at least, since bf16 logits lose the small probabilities that make up the tail.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    return entropy_of_log_probs(torch.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_of_log_probs(logp: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy from normalised log-probabilities (..., V); entries of probability 0 add 0."""
+    return -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)  # 0 * -inf = nan: a zero-probability entry
 
 
 def token_log_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-log softmax(logits)[target] per position: (..., V), (...) -> (...). ``inf`` where the target is masked."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked  # no (..., V) log-softmax tensor: one reduction pass
 
 
 def smoothed_log_loss(q_logits: torch.Tensor, p_logits: torch.Tensor, targets: torch.Tensor,
                       weight: float = SMOOTHING) -> torch.Tensor:
     """-log((1 - w) q(y) + w p(y)): a finite log loss for samplers that give human tokens probability 0."""
-    log_q = -token_log_loss(q_logits, targets)
-    log_p = -token_log_loss(p_logits, targets)
-    return -torch.logaddexp(log_q + math.log1p(-weight), log_p + math.log(weight))
+    return smooth_log_loss(token_log_loss(q_logits, targets), token_log_loss(p_logits, targets), weight)
+
+
+def smooth_log_loss(q_loss: torch.Tensor, p_loss: torch.Tensor, weight: float = SMOOTHING) -> torch.Tensor:
+    """:func:`smoothed_log_loss` from the two log losses -log q(y) and -log p(y)."""
+    return -torch.logaddexp(-q_loss + math.log1p(-weight), -p_loss + math.log(weight))
 
 
 def entce(gen_entropy: float, log_loss: float) -> float:

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class TrainResult:
     resumed_from: int | None  # the checkpoint step the run resumed from, None for a fresh run
     metrics: dict | None  # evaluate_head on val_rows (baseline fitted on the training rows)
     head_dir: Path  # out_dir/head: the saved head folder
+    seconds: float = 0.0  # wall time of the optimisation loop, summed over the runs a resume joined
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def train_head(
         shutil.rmtree(root, ignore_errors=True)  # stale checkpoints would shadow this run's on a later resume
     accelerator.wait_for_everyone()
     done = _checkpoints(root)
-    step, history, running, resumed_from = 0, [], [0.0, 0], None
+    step, history, running, resumed_from, seconds = 0, [], [0.0, 0], None, 0.0
     if done:
         resumed_from = max(done)
         folder = root / f"step-{resumed_from:08d}"
@@ -233,6 +235,7 @@ def train_head(
                              "use another out_dir, resume=False, or the same settings")
         head.load_state_dict(load_file(str(folder / "head.safetensors")))
         step, history, running = state["step"], state["history"], state["running"]
+        seconds = state.get("seconds", 0.0)
     elif init_rate:
         head.set_rate(rows["target"].double().sum().item() / max(1, rows["horizon"].sum().item()))
 
@@ -254,6 +257,7 @@ def train_head(
                disable=not (progress and accelerator.is_local_main_process))
     model.train()
     order_epoch, order = -1, None
+    started = time.perf_counter() - seconds  # a resumed run continues the clock of the runs before it
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -283,12 +287,14 @@ def train_head(
                             **{f"val_{k}": scores[k] for k in ("loss", "mse", "r2", "r2_within")}})
             model.train()
         if (step % checkpoint_every == 0 or step == total) and accelerator.is_main_process:
-            state = {"step": step, "history": history, "running": running, "settings": settings}
+            state = {"step": step, "history": history, "running": running, "settings": settings,
+                     "seconds": time.perf_counter() - started}
             _save_checkpoint(root, step, accelerator.unwrap_model(model), optimizer, state, keep_checkpoints)
         accelerator.wait_for_everyone()
         if callback is not None:
             callback(step, loss.item())
     bar.close()
+    seconds = time.perf_counter() - started
 
     # 4. Save the head, its history and a picture of it.
     head = accelerator.unwrap_model(model)
@@ -298,7 +304,7 @@ def train_head(
         (out_dir / HISTORY_NAME).write_text(json.dumps(history, indent=2))
         plot_loss_curve(history, out_dir / PLOT_NAME)
     return TrainResult(head=head, steps=step, history=history, resumed_from=resumed_from, metrics=metrics,
-                       head_dir=out_dir / HEAD_DIR)
+                       head_dir=out_dir / HEAD_DIR, seconds=seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,6 +318,10 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor, context_id: tor
     within each context, R^2_within = 1 - sum((y - ybar_g) - (yhat - yhat_g))^2 / sum((y - ybar_g)^2).
     It measures how well the rows of one context are told apart, which is all that moves q; any
     predictor that is constant within a context scores 0. NaN when no context has two rows.
+    ``corr_within``, the correlation of the demeaned predictions and targets, is the same skill free of
+    scale: a head whose candidate differences are right in direction but 5x too large has a negative
+    R^2_within and a positive correlation, and the fitted weights b_t (one per step bin, so one per
+    horizon range) rescale it.
     """
     pred, target = pred.double().flatten(), target.double().flatten()
     mse = ((pred - target) ** 2).mean().item()
@@ -325,8 +335,10 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor, context_id: tor
 
     y, yhat = demean(target)[shared], demean(pred)[shared]
     within = (y ** 2).sum().item()
+    norms = (y.norm() * yhat.norm()).item()
     return {"mse": mse, "r2": 1 - ((pred - target) ** 2).sum().item() / spread if spread > 0 else float("nan"),
             "r2_within": 1 - ((y - yhat) ** 2).sum().item() / within if within > 0 else float("nan"),
+            "corr_within": (y * yhat).sum().item() / norms if norms > 0 else float("nan"),
             "rows": len(target), "rows_within": int(shared.sum()), "contexts_within": int((counts >= 2).sum())}
 
 

@@ -208,7 +208,7 @@ def test_resume_after_interruption_gives_identical_shards(tiny, tmp_path, monkey
     assert len(whole["shards"]) == 3 and whole["complete"]
 
     calls = []
-    label_batch, write_manifest = L._label_batch, L._write_manifest
+    label_batch, write_manifest = L._label_batch, L.write_manifest
 
     def crash_in_batch(*args, **kwargs):  # killed while labelling the second batch
         calls.append(1)
@@ -228,13 +228,13 @@ def test_resume_after_interruption_gives_identical_shards(tiny, tmp_path, monkey
         write_manifest(directory, manifest)
 
     monkeypatch.setattr(L, "_label_batch", label_batch)
-    monkeypatch.setattr(L, "_write_manifest", crash_after_shard)
+    monkeypatch.setattr(L, "write_manifest", crash_after_shard)
     with pytest.raises(KeyboardInterrupt):
         run(model, tok, windows, kind, tmp_path / "cut", **kw)
     assert (tmp_path / "cut" / "shard-00001.safetensors").exists()
     assert len(L.read_manifest(tmp_path / "cut")["shards"]) == 1
 
-    monkeypatch.setattr(L, "_write_manifest", write_manifest)
+    monkeypatch.setattr(L, "write_manifest", write_manifest)
     resumed = run(model, tok, windows, kind, tmp_path / "cut", **kw)
     assert resumed == whole
     for entry in whole["shards"]:
@@ -261,6 +261,39 @@ def test_corrupt_or_missing_shard_is_an_error_naming_the_file(tiny, tmp_path):
     path.unlink()
     with pytest.raises(L.CorruptShardError, match="shard-00001.safetensors is missing"):
         L.load_labels(tmp_path / "r")
+
+
+@pytest.mark.parametrize("kind", ["returns", "rollout", "teacher-forced"])
+def test_hidden_states_are_a_cache_rebuilt_from_the_token_ids(tiny, tmp_path, kind):
+    model, tok = tiny
+    windows = windows_of([4, 9, 6], 8)
+    run(model, tok, windows, kind, tmp_path / "l", max_new_tokens=8, batch_size=2, logits_processor=q_processors())
+    folder = tmp_path / "l"
+    for shard in L.iter_shards(folder):  # the committed part: ids and targets, no hidden states
+        assert "hidden" not in shard and shard["windows.ids"].dtype == torch.long
+    labelled = L.load_labels(folder)  # the cache written while labelling
+    caches = sorted(folder.glob("hidden-*.safetensors"))
+    assert len(caches) == 2
+    for cache in caches:
+        cache.unlink()
+    with pytest.raises(L.MissingHiddenError, match="hidden-00000.safetensors is missing.*pass `model=`"):
+        L.load_labels(folder)
+    rebuilt = L.load_labels(folder, model=model)
+    assert rebuilt.keys() == labelled.keys()
+    torch.testing.assert_close(rebuilt["hidden"], labelled["hidden"], atol=1e-4, rtol=0)
+    assert torch.equal(rebuilt["target"], labelled["target"])
+    # A damaged cache is rebuilt, not read; and no model, no rebuild.
+    data = bytearray(caches[1].read_bytes())
+    data[-3] ^= 0x01
+    caches[1].write_bytes(bytes(data))
+    with pytest.raises(L.MissingHiddenError, match="hidden-00001.safetensors is corrupt"):
+        L.load_labels(folder)
+    torch.testing.assert_close(L.load_labels(folder, model=model)["hidden"], labelled["hidden"], atol=1e-4, rtol=0)
+    assert torch.equal(L.load_labels(folder)["hidden"], rebuilt["hidden"])  # rewritten
+    assert "hidden" not in L.load_labels(folder, hidden=False)
+    caches[0].unlink()
+    with pytest.raises(ValueError, match="another model"):  # states of another LM would be garbage
+        L.load_labels(folder, model=make_model(seed=1))
 
 
 def test_resume_with_other_settings_or_model_is_an_error(tiny, tmp_path):

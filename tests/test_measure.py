@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -10,6 +11,8 @@ from calibrated_sampling.cli import main
 from calibrated_sampling.data import Window
 from calibrated_sampling.measure import batch_windows, generate_with_entropy, measure
 from calibrated_sampling.metrics import entropy
+
+measure_module = importlib.import_module("calibrated_sampling.measure")  # the package's `measure` is the function
 
 
 def random_windows(n, prompt_lengths, steps, seed=0):
@@ -31,9 +34,11 @@ def direct_log_loss(model, window):
     return -logp[p - 1:-1].gather(-1, targets[:, None]).squeeze(-1)
 
 
-def test_base_log_loss_equals_direct_teacher_forcing(tiny):
+@pytest.mark.parametrize("chunk_steps", [1, 3, 100])  # output-embedding products of 1, 3 or all steps at once
+def test_base_log_loss_equals_direct_teacher_forcing(tiny, monkeypatch, chunk_steps):
     model, tok = tiny
     windows = random_windows(3, [6, 9, 4], 10)
+    monkeypatch.setattr(measure_module, "CHUNK_LOGITS", chunk_steps * 3 * model.config.vocab_size)
     result = measure(model, tok, windows, ["base"], batch_size=3, progress=False)["base"]
     direct = torch.cat([direct_log_loss(model, w) for w in windows])
     assert result["log_loss"] == pytest.approx(direct.mean().item(), abs=1e-5)

@@ -4,6 +4,7 @@ effect the context-only baseline cannot see; evaluation metrics on hand-made cas
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,6 +64,9 @@ def test_within_context_r2_of_constant_and_perfect_predictors():
     assert perfect["r2_within"] == pytest.approx(1.0) and perfect["r2"] == pytest.approx(1.0) and perfect["mse"] == 0
     shifted = regression_metrics(target + context.float(), target, context)  # per-context offsets do not count
     assert shifted["r2_within"] == pytest.approx(1.0) and shifted["r2"] < 1
+    assert math.isnan(scores["corr_within"]) and perfect["corr_within"] == pytest.approx(1.0)
+    stretched = regression_metrics(5 * target, target, context)  # right ranking, 5x the spread
+    assert stretched["r2_within"] < 0 and stretched["corr_within"] == pytest.approx(1.0)
 
 
 def test_baseline_recovers_its_model_and_has_no_within_skill():

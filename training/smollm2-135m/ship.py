@@ -8,6 +8,7 @@ run of train.sh (the learning curve: the same recipe on a share of the training 
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,8 @@ WITHIN = ("onestep", "rollout", "rollout-b")  # the folders whose contexts have 
 def row(name: str, metrics: dict) -> str:
     validation = metrics["validation"]
     returns = validation["returns"]
-    within = [f"{validation[f]['r2_within']:+.3f} ({validation[f]['contexts_within']})" for f in WITHIN]
+    within = [f"{validation[f]['r2_within']:+.3f} / {validation[f]['corr_within']:+.3f} ({validation[f]['contexts_within']})"
+              for f in WITHIN]
     return (f"| {name} | {metrics['train_rows']:,} | {returns['r2']:.3f} | {returns['baseline_r2']:.3f} | "
             + " | ".join(within) + f" | {metrics['seconds'] / 60:.1f} |")
 
@@ -37,7 +39,7 @@ def rollout_agreement(folders: list[Path]) -> float:
     one rollout target, which caps the within-context R^2 any head can reach on them."""
     first, second = [], []
     for folder in folders:
-        rows = load_labels(folder)
+        rows = load_labels(folder, hidden=False)
         _, group = torch.unique(rows["context_id"], return_inverse=True)
         counts = torch.bincount(group).double()
         for column, out in ((0, first), (1, second)):
@@ -50,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/heads/smollm2-135m")
     parser.add_argument("--dest", default="heads/smollm2-135m")
-    parser.add_argument("--labels", default="runs/labels/smollm2-135m")
+    parser.add_argument("--labels", default="training/smollm2-135m/labels")
     args = parser.parse_args()
     runs, dest = Path(args.runs), Path(args.dest)
     full = json.loads((runs / "full" / "metrics.json").read_text())
@@ -89,17 +91,22 @@ def main() -> None:
         "exactly, a noiseless within-context target.",
         "- labelled prompts out of those the recipe asks for: " + ", ".join(
             f"{name} {done[name]} of {labels[name]['windows']}" for name in labels)
-        + " (the session's CPU budget ran out; `labels.sh` resumes the rest).",
+        + ("." if all(done[name] == labels[name]["windows"] for name in labels)
+           else " (the rest was not labelled yet; `labels.sh` resumes it)."),
         "- validation: 20% of the prompts of each folder, held out whole (never a row of a training prompt).",
         "",
         "Held-out R^2 on the Monte Carlo returns (baseline: least squares on the context's entropy and the "
-        "remaining horizon, no token), and within-context R^2 (rows demeaned per context: how well the candidates "
-        "of one context are ranked; any predictor constant within a context scores 0; held-out contexts in "
-        "brackets). onestep targets are exact; a 16-step rollout target is the mean of 2 rollouts, whose "
+        "remaining horizon, no token), and within-context R^2 / correlation (rows demeaned per context: how well "
+        "the candidates of one context are told apart; any predictor constant within a context scores 0; held-out "
+        "contexts in brackets). The correlation is free of scale: the fitted weights b_t, one per step bin and so "
+        "one per horizon range, rescale the head's candidate differences, and a head whose differences point the "
+        "right way but are too large at some horizon has R^2 < 0 and a positive correlation. onestep targets "
+        "are exact; a 16-step rollout target is the mean of 2 rollouts, whose "
         "within-context reliability caps the attainable R^2 (one rollout agrees with the other at "
-        f"within-context correlation {agreement:.2f}, so the mean of two at {2 * agreement / (1 + agreement):.2f}).",
+        f"within-context correlation {agreement:.2f}, so the mean of two at {2 * agreement / (1 + agreement):.2f}, "
+        f"and no head can correlate with it above about {math.sqrt(2 * agreement / (1 + agreement)):.2f}).",
         "",
-        "| training share | rows | returns R^2 | baseline | within: onestep | within: rollout | within: rollout-b "
+        "| training share | rows | returns R^2 | baseline | within R^2 / corr: onestep | rollout | rollout-b "
         "| minutes |",
         "|---|---|---|---|---|---|---|---|",
         *[row(f"{share:.0%}", metrics) for share, metrics in curve],
