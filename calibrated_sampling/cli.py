@@ -530,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 64 tokens (the default)")
+    size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 48 tokens (the default)")
     size.add_argument("--full", action="store_true", help="fuller grids, 64 prompts x 256 tokens (the README's)")
     p.add_argument("--heads", default=None, help="comma-separated fitted head folders (calibrated:DIR samplers)")
     p.add_argument("--num-prompts", type=int, default=None, help="override the preset")
