@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The comparison at its quick size (about 10 minutes on 2 CPU cores): prints the table and the plot paths.
+# The comparison at its quick size (9 minutes on 2 CPU cores with the installation): prints the table and the plot paths.
 demo: install
 	$(VENV)/bin/calibrated-sampling compare --quick --model smollm2-135m --data pydoc \
 		--heads heads/smollm2-135m --out runs/demo
