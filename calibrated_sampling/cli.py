@@ -348,8 +348,9 @@ def cmd_corpus_exponent(args) -> int:
     if args.split != "all":
         docs = [d for d in docs if split_of(d.key) == args.split]
     r = corpus_exponent((d.text for d in docs), top=args.top)
+    beta = round(r["beta"], 3) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0, so it prints +0.000
     print(f"{args.data} ({len(docs)} documents, split {args.split}): a = {r['a']:.3f}, "
-          f"beta = 1/a - 1 = {r['beta']:+.3f} (fit over the top {r['top']:,} words, r2 = {r['r2']:.3f}); "
+          f"beta = 1/a - 1 = {beta:+.3f} (fit over the top {r['top']:,} words, r2 = {r['r2']:.3f}); "
           f"{r['n_words']:,} words, {r['n_types']:,} types")
     return 0
 
