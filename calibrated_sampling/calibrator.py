@@ -19,6 +19,7 @@ The schedule format (``head.config.calibration``, written by the fitting code)::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .heads import FutureEntropyHead, check_compatible
+from .heads import CONFIG_NAME, WEIGHTS_NAME, FutureEntropyHead, check_compatible
 from .samplers import Sampler
 
 FORMS = ("tied", "untied", "global")
@@ -405,4 +406,10 @@ def calibrated_sampler(spec: str, model: PreTrainedModel | None) -> CalibratedSa
     if model is None:
         raise ValueError(f"sampler spec {spec!r} needs the model (the head is loaded against it)")
     calibrator = FutureEntropyCalibrator.from_pretrained(head_dir, model, **options)
+    # Label folders record q by its processors' `spec`; a digest of the head's files keeps that record
+    # meaningful after the folder is refitted or replaced.
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update(open(os.path.join(head_dir, name), "rb").read())
+    calibrator.spec = f"{spec} (head files sha256 {digest.hexdigest()[:16]})"
     return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, calibrator=calibrator)

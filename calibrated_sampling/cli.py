@@ -135,6 +135,7 @@ def cmd_measure(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import PRESETS, run_comparison, write_comparison
     from .data import load_documents, make_windows
+    from .journal import JOURNAL_NAME
     from .models import load_model
 
     preset = PRESETS["full" if args.full else "quick"]
@@ -152,7 +153,9 @@ def cmd_compare(args) -> int:
                            split="eval")
     fit_windows = None if args.no_lookahead else make_windows(
         docs, tokenizer, preset.fit_prompts, args.prompt_tokens, preset.max_new_tokens, split="fit")
-    payload = run_comparison(model, tokenizer, windows, fit_windows, preset, heads=heads, seed=args.seed)
+    journal = Path(args.out) / JOURNAL_NAME  # an interrupted comparison resumes from its finished measurements
+    payload = run_comparison(model, tokenizer, windows, fit_windows, preset, heads=heads, seed=args.seed,
+                             journal=journal)
     settings = {"preset": "full" if args.full else "quick", "num_prompts": preset.num_prompts,
                 "prompt_tokens": args.prompt_tokens, "max_new_tokens": preset.max_new_tokens,
                 "batch_size": preset.batch_size, "seed": args.seed, "split": "eval", "dtype": args.dtype,

@@ -26,11 +26,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .data import Window
+from .data import Window, windows_digest
+from .heads import CONFIG_NAME, WEIGHTS_NAME
+from .journal import Journal, file_digest, fingerprint
+from .label_store import weights_digest
 from .lookahead import fit_lookahead_alpha
 from .mauve import compute_mauve, text_features
 from .measure import measure
 from .metrics import self_bleu
+from .models import model_fingerprint, tokenizer_fingerprint
 from .samplers import SAMPLER_KINDS, Sampler, parse_sampler
 
 
@@ -160,23 +164,29 @@ class Comparison:
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     results: dict[str, dict] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+    journal: Journal | None = None  # finished measurements on disk: a rerun resumes from them
 
     def run(self, spec: str, role: str) -> dict:
         if spec not in self.results:
-            sampler = parse_sampler(spec, self.model)
-            # Plain warpers read nothing but the logits, so the decoder pass may be reused.
-            reuse = reuse_decoder_pass(self.model, self.memo) if type(sampler) is Sampler else contextlib.nullcontext()
-            with reuse:
-                result = measure(self.model, self.tokenizer, self.windows, [sampler], batch_size=self.batch_size,
-                                 seed=self.seed, progress=False)[spec]
-            result["self_bleu"] = self_bleu(result["samples"])
+            result = self.journal.get(spec) if self.journal else None
+            resumed = result is not None
+            if not resumed:
+                sampler = parse_sampler(spec, self.model)
+                # Plain warpers read nothing but the logits, so the decoder pass may be reused.
+                reuse = reuse_decoder_pass(self.model, self.memo) if type(sampler) is Sampler else contextlib.nullcontext()
+                with reuse:
+                    result = measure(self.model, self.tokenizer, self.windows, [sampler], batch_size=self.batch_size,
+                                     seed=self.seed, progress=False)[spec]
+                result["self_bleu"] = self_bleu(result["samples"])
+                if self.journal:
+                    self.journal.add(spec, result)
             result["roles"] = []
             self.results[spec] = result
             loss = (f"log loss {result['log_loss']:.3f}" if math.isfinite(result["log_loss"]) else
                     f"log loss inf ({100 * result['truncated_fraction']:.1f}% truncated), smoothed "
                     f"{result['log_loss_smoothed']:.3f}")
             self.log(f"[{len(self.results):2d}] {spec}: EntCE {result['entce']:+.3f}, {loss}, "
-                     f"{result['seconds']:.1f} s")
+                     f"{result['seconds']:.1f} s" + (" (from the journal)" if resumed else ""))
         if role not in self.results[spec]["roles"]:
             self.results[spec]["roles"].append(role)
         return self.results[spec]
@@ -227,13 +237,30 @@ def _calibrated_kind_available() -> bool:
     return True
 
 
+def comparison_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
+                           preset: Preset, heads: list[str], seed: int) -> str:
+    """What every number of a comparison depends on, hashed: the journal of another one is refused."""
+    head_files = {head: {name: file_digest(Path(head) / name) for name in (CONFIG_NAME, WEIGHTS_NAME)
+                         if (Path(head) / name).is_file()} for head in heads}
+    return fingerprint({"model": {**model_fingerprint(model), "weights": weights_digest(model)},
+                        "device": model.device.type, "tokenizer": tokenizer_fingerprint(tokenizer),
+                        "windows": windows_digest(windows), "fit_windows": windows_digest(fit_windows or []),
+                        "preset": asdict(preset), "heads": head_files, "seed": seed})
+
+
 def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
-            preset: Preset, heads: list[str] = (), seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+                   preset: Preset, heads: list[str] = (), seed: int = 0, log: Callable[[str], None] | None = None,
+                   journal: str | Path | None = None) -> dict:
     """Run the whole comparison; returns {"samplers", "matched", "lookahead", "mauve", "notes"}.
 
-    ``fit_windows`` (fit split) fit the lookahead's alpha; None skips the lookahead.
+    ``fit_windows`` (fit split) fit the lookahead's alpha; None skips the lookahead. ``journal``: a
+    ``measurements.jsonl`` path (:mod:`.journal`); finished measurements are kept there as they complete
+    and an interrupted comparison rerun with the same arguments picks them up instead of measuring again.
     """
     runner = Comparison(model, tokenizer, windows, seed=seed, batch_size=preset.batch_size)
+    if journal is not None:
+        runner.journal = Journal(journal, comparison_fingerprint(model, tokenizer, windows, fit_windows, preset,
+                                                                 list(heads), seed))
     if log is not None:
         runner.log = log
     notes: list[str] = []
@@ -242,9 +269,13 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
 
     lookahead = None
     if fit_windows:
-        started = time.perf_counter()
-        lookahead = fit_lookahead_alpha(model, tokenizer, fit_windows, preset.lookahead_top, preset.batch_size)
-        lookahead["seconds"] = time.perf_counter() - started
+        lookahead = runner.journal.get("lookahead fit") if runner.journal else None
+        if lookahead is None:
+            started = time.perf_counter()
+            lookahead = fit_lookahead_alpha(model, tokenizer, fit_windows, preset.lookahead_top, preset.batch_size)
+            lookahead["seconds"] = time.perf_counter() - started
+            if runner.journal:
+                runner.journal.add("lookahead fit", lookahead)
         runner.log(f"lookahead fit on {len(fit_windows)} fit-split prompts: alpha {lookahead['alpha']:+.4f}, "
                    f"log loss {lookahead['log_loss_alpha0']:.4f} -> {lookahead['log_loss']:.4f}")
         lookahead["spec"] = f"lookahead:alpha={lookahead['alpha']:.4g}:top={preset.lookahead_top}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import sysconfig
@@ -57,6 +58,12 @@ class Window:
 def split_of(doc_key: str, eval_fraction: float = 0.5) -> str:
     """``"fit"`` or ``"eval"`` from the document hash: stable across runs, machines and orderings."""
     return "eval" if int(doc_key[:8], 16) / 0xFFFFFFFF < eval_fraction else "fit"
+
+
+def windows_digest(windows) -> str:
+    """A short sha256 of the token ids of ``windows`` (prompts and continuations, in order)."""
+    payload = json.dumps([[list(w.prompt_ids), list(w.continuation_ids)] for w in windows])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:

@@ -69,7 +69,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -82,7 +81,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
-from .data import Window, split_of
+from .data import Window, split_of, windows_digest
 from .label_store import (  # noqa: F401  (re-exported: the storage API predates its own module)
     FORMAT,
     FORMAT_VERSION,
@@ -478,11 +477,6 @@ def describe_processors(logits_processor: LogitsProcessorList | None) -> str:
     return " + ".join(parts)
 
 
-def _windows_digest(windows: Sequence[Window]) -> str:
-    payload = json.dumps([[list(w.prompt_ids), list(w.continuation_ids)] for w in windows])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def _open_folder(directory: Path, record: dict, batches: int) -> dict:
     """A new manifest, or the resumed one after checking that it was made with the same settings."""
     if (directory / MANIFEST).is_file():
@@ -590,7 +584,7 @@ def make_labels(
         "model": {**model_fingerprint(model), "weights": weights_digest(model)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "windows": len(windows),
-        "windows_sha256": _windows_digest(_cut(windows, max_new_tokens) if kind != "returns" else
+        "windows_sha256": windows_digest(_cut(windows, max_new_tokens) if kind != "returns" else
                                           [dataclasses.replace(w, continuation_ids=()) for w in windows]),
         "data_spec": data_spec,
     }

@@ -18,6 +18,7 @@ from calibrated_sampling.calibrator import (
 )
 from calibrated_sampling.data import Window
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
+from calibrated_sampling.labels import describe_processors
 from calibrated_sampling.measure import measure
 from calibrated_sampling.samplers import parse_sampler
 
@@ -358,6 +359,10 @@ def test_measure_calibrated_sampler(setup, tmp_path):
     assert isinstance(sampler, CalibratedSampler) and sampler.calibrator.scale == 0.5
     with pytest.raises(ValueError, match="`scale` needs a float, but is 'big'"):
         parse_sampler(spec + ":scale=big", model)
+    # What a label folder records as q: the spec and a digest of the head's files, which differ between heads.
+    described = describe_processors(sampler.processors)
+    assert described.startswith(spec + ":scale=0.5 (head files sha256 ")
+    assert described != describe_processors(parse_sampler(f"calibrated:{tmp_path / 'identity'}:scale=0.5", model).processors)
 
     data = windows(3, [6, 9, 4], 7)
     results = measure(model, tok, data, ["base", spec, f"calibrated:{tmp_path / 'identity'}"], batch_size=3,

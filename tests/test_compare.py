@@ -6,8 +6,9 @@ import torch
 from conftest import EOS_ID, VOCAB, make_model, make_tokenizer, word_text
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper
 
+from calibrated_sampling import compare as compare_module
 from calibrated_sampling.cli import main
-from calibrated_sampling.compare import Comparison, find_root, reuse_decoder_pass
+from calibrated_sampling.compare import Comparison, Preset, find_root, reuse_decoder_pass, run_comparison
 from calibrated_sampling.data import Window
 from calibrated_sampling.lookahead import fit_alpha, lookahead_log_loss, lookahead_loss_terms, parse_lookahead
 from calibrated_sampling.mauve import compute_mauve, text_features
@@ -230,6 +231,39 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert json.dumps(_strip_timings(again), sort_keys=True) == json.dumps(_strip_timings(results), sort_keys=True)
+
+
+def test_comparison_resumes_from_its_journal_and_refuses_another_ones(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    windows = random_windows(4, [5, 7], 6)
+    preset = Preset(num_prompts=4, max_new_tokens=6, fit_prompts=0, search_iterations=1, lookahead_top=2,
+                    batch_size=4, top_p=(), top_k=(), min_p=(), typical_p=(), eta=(), epsilon=())
+    calls = []
+    original = compare_module.measure
+    monkeypatch.setattr(compare_module, "measure", lambda *a, **k: calls.append(a[3][0].spec) or original(*a, **k))
+    journal = tmp_path / "measurements.jsonl"
+
+    def run(seed=0):
+        calls.clear()
+        payload = run_comparison(model, tok, windows, None, preset, seed=seed, log=lambda line: None, journal=journal)
+        return json.dumps(_strip_timings(payload["samplers"]), sort_keys=True)
+
+    first = run()
+    measured = list(calls)
+    assert len(measured) >= 3 and len(journal.read_text().splitlines()) == 1 + len(measured)
+    assert run() == first and calls == []  # everything from the journal, the same numbers
+    # An interruption in the middle of writing the last line: that one measurement runs again.
+    text = journal.read_text()
+    journal.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    with pytest.warns(UserWarning, match="cut off"):
+        assert run() == first
+    assert calls == measured[-1:]
+    with pytest.raises(ValueError, match="another comparison"):
+        run(seed=1)
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], lines[1][:20], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match="line 2 is damaged"):
+        run()
 
 
 @pytest.mark.slow

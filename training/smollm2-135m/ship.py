@@ -67,6 +67,7 @@ def main() -> None:
     labels = {s["folder"]: s for s in full["label_settings"]}
     returns, rollout, onestep = labels["returns"], labels["rollout"], labels["onestep"]
     done = {name: labelled_windows(Path(args.labels) / name) for name in labels}
+    rounds = sorted(name for name in labels if name.startswith("returns-round"))
     agreement = rollout_agreement([Path(args.labels) / "rollout", Path(args.labels) / "rollout-b"])
     lines = [
         "# smollm2-135m future-entropy head",
@@ -89,6 +90,9 @@ def main() -> None:
         f"- one-step labels (`onestep`): {done['onestep']} prompts x {onestep['positions']} human prefixes, the human "
         f"token and the top {onestep['candidates']} others; horizon 1 with one rollout is F_1(x, v) = H(p(. | x, v)) "
         "exactly, a noiseless within-context target.",
+        *[f"- round {name.removeprefix('returns-round')} returns labels (`{name}`): the same {labels[name]['windows']} "
+          f"prompts, seed {labels[name]['seed']}, sampled from the previous round's calibrated sampler "
+          f"(`{labels[name]['q']}`), so that F is the future entropy under the adjusted model." for name in rounds],
         "- labelled prompts out of those the recipe asks for: " + ", ".join(
             f"{name} {done[name]} of {labels[name]['windows']}" for name in labels)
         + ("." if all(done[name] == labels[name]["windows"] for name in labels)

@@ -8,7 +8,7 @@ OUT=${OUT:-runs/heads/smollm2-135m}
 FOLDERS=${FOLDERS:-$LABELS/returns,$LABELS/rollout,$LABELS/rollout-b,$LABELS/onestep}
 COMMON=(--model smollm2-135m --labels "$FOLDERS" --family tied --mlp-hidden 1024
         --epochs ${EPOCHS:-4} --batch-size 256 --lr 1e-3 --val-fraction 0.2 --td-n ${TD_N:-16} --td-lambda 0.9 --seed 0)
-for fraction in ${FRACTIONS:-0.25 0.5}; do  # the learning curve
+for fraction in ${FRACTIONS-0.25 0.5}; do  # the learning curve (FRACTIONS="" skips it)
     calibrated-sampling train-head "${COMMON[@]}" --train-fraction "$fraction" --out "$OUT/fraction-$fraction"
 done
 calibrated-sampling train-head "${COMMON[@]}" --out "$OUT/full"
