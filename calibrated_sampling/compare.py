@@ -27,9 +27,9 @@ import torch
 from transformers import PreTrainedModel
 
 from .data import Window, windows_digest
-from .heads import CONFIG_NAME, WEIGHTS_NAME
-from .journal import Journal, file_digest, fingerprint
+from .journal import Journal, fingerprint
 from .label_store import weights_digest
+from .labels import describe_processors
 from .lookahead import fit_lookahead_alpha
 from .mauve import compute_mauve, text_features
 from .measure import measure
@@ -168,10 +168,13 @@ class Comparison:
 
     def run(self, spec: str, role: str) -> dict:
         if spec not in self.results:
-            result = self.journal.get(spec) if self.journal else None
+            sampler = parse_sampler(spec, self.model)
+            # A hooked sampler's key names what it loaded (a calibrated head's spec carries a digest of the
+            # head's files), so a refitted head is measured again while the rest of the journal stands.
+            key = spec if type(sampler) is Sampler else describe_processors(sampler.processors)
+            result = self.journal.get(key) if self.journal else None
             resumed = result is not None
             if not resumed:
-                sampler = parse_sampler(spec, self.model)
                 # Plain warpers read nothing but the logits, so the decoder pass may be reused.
                 reuse = reuse_decoder_pass(self.model, self.memo) if type(sampler) is Sampler else contextlib.nullcontext()
                 with reuse:
@@ -179,7 +182,7 @@ class Comparison:
                                      seed=self.seed, progress=False)[spec]
                 result["self_bleu"] = self_bleu(result["samples"])
                 if self.journal:
-                    self.journal.add(spec, result)
+                    self.journal.add(key, result)
             result["roles"] = []
             self.results[spec] = result
             loss = (f"log loss {result['log_loss']:.3f}" if math.isfinite(result["log_loss"]) else
@@ -238,14 +241,13 @@ def _calibrated_kind_available() -> bool:
 
 
 def comparison_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
-                           preset: Preset, heads: list[str], seed: int) -> str:
-    """What every number of a comparison depends on, hashed: the journal of another one is refused."""
-    head_files = {head: {name: file_digest(Path(head) / name) for name in (CONFIG_NAME, WEIGHTS_NAME)
-                         if (Path(head) / name).is_file()} for head in heads}
+                           preset: Preset, seed: int) -> str:
+    """What every number of a comparison depends on, hashed: the journal of another one is refused. (Head
+    files are not part of it: :meth:`Comparison.run` keys each calibrated measurement by its head's digest.)"""
     return fingerprint({"model": {**model_fingerprint(model), "weights": weights_digest(model)},
                         "device": model.device.type, "tokenizer": tokenizer_fingerprint(tokenizer),
                         "windows": windows_digest(windows), "fit_windows": windows_digest(fit_windows or []),
-                        "preset": asdict(preset), "heads": head_files, "seed": seed})
+                        "preset": asdict(preset), "seed": seed})
 
 
 def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
@@ -259,8 +261,7 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
     """
     runner = Comparison(model, tokenizer, windows, seed=seed, batch_size=preset.batch_size)
     if journal is not None:
-        runner.journal = Journal(journal, comparison_fingerprint(model, tokenizer, windows, fit_windows, preset,
-                                                                 list(heads), seed))
+        runner.journal = Journal(journal, comparison_fingerprint(model, tokenizer, windows, fit_windows, preset, seed))
     if log is not None:
         runner.log = log
     notes: list[str] = []

@@ -3,7 +3,7 @@
 ``compare --full`` is some fifty ``measure`` calls, hours on a CPU; a machine that goes away loses
 only the measurement in flight. Each finished result is appended to ``DIR/measurements.jsonl`` as one
 line and flushed to disk before the next one starts. The first line holds a fingerprint of everything
-the numbers depend on (model weights, tokenizer, prompts, seed, preset, head files): a journal of
+the numbers depend on (model weights, tokenizer, prompts, seed, preset, device): a journal of
 another comparison is refused, never mixed in. A last line cut off by an interruption is dropped with a
 warning (that measurement runs again); a damaged line elsewhere is an error.
 """
@@ -24,10 +24,6 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 class Journal:
     """Results by key, read from and appended to one JSON-lines file (module docstring)."""
 
@@ -46,8 +42,8 @@ class Journal:
             found = None
         if found != run_fingerprint:
             raise ValueError(f"{self.path} holds the measurements of another comparison (fingerprint {found!r}, "
-                             f"this one is {run_fingerprint!r}: other model, prompts, seed, preset or head "
-                             "files); write to another `out` folder, or delete that file to measure again")
+                             f"this one is {run_fingerprint!r}: other model, prompts, seed, preset or device); "
+                             "write to another `out` folder, or delete that file to measure again")
         kept = lines[:1]
         for number, line in enumerate(lines[1:], 2):
             try:

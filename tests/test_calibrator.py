@@ -378,6 +378,28 @@ def test_measure_calibrated_sampler(setup, tmp_path):
     assert first["gen_entropy"] == pytest.approx(first["human_entropy"], abs=1e-4)
 
 
+def test_comparison_journal_measures_a_refitted_head_again(setup, tmp_path):
+    from calibrated_sampling.compare import Comparison
+    from calibrated_sampling.journal import Journal
+
+    model, tok, head = setup
+    head.config.calibration = SCHEDULE
+    head.save_pretrained(tmp_path / "head")
+    spec = f"calibrated:{tmp_path / 'head'}"
+
+    def measured_now(spec):
+        runner = Comparison(model, tok, windows(3, [6, 9], 8), batch_size=3, log=lambda line: None,
+                            journal=Journal(tmp_path / "journal.jsonl", "run"))
+        before = len(runner.journal.entries)
+        runner.run("base", "grid"), runner.run(spec, "calibrated")
+        return len(runner.journal.entries) - before
+
+    assert measured_now(spec) == 2
+    assert measured_now(spec) == 0  # both from the journal
+    head.config.calibration = {**SCHEDULE, "b": [0.0, 0.0, 0.3]}  # a refit: same folder, other weights
+    head.save_pretrained(tmp_path / "head")
+    assert measured_now(spec) == 1  # the head again, base still from the journal
+
 
 def test_cli_generate(tmp_path, capsys):
     from calibrated_sampling.cli import main
