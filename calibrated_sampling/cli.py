@@ -298,7 +298,14 @@ def cmd_fit(args) -> int:
                               heldout_windows=heldout, max_iter=args.max_iter)
     calibration["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens,
                                  machine=_machine(), version=__version__)
-    path = save_calibration(args.head, calibration)
+    target = args.head
+    if args.out:  # a copy of the head with these weights: the original keeps its schedule (another T, say)
+        import shutil
+
+        if Path(args.out).resolve() != Path(args.head).resolve():
+            shutil.copytree(args.head, args.out, dirs_exist_ok=True)
+        target = args.out
+    path = save_calibration(target, calibration)
     print(format_calibration(calibration))
     print(f"\nwrote the weights into {path}")
     return 0
@@ -517,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a head's calibration weights (one per bin of steps) to human log loss")
     _add_model_args(p)
     p.add_argument("--head", required=True, help="head folder; the weights are written into its config.json")
+    p.add_argument("--out", default=None, help="write a copy of the head with the fitted weights here instead")
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
     p.add_argument("--num-prompts", type=int, default=128, help="fit windows (from the `fit` split)")
     p.add_argument("--heldout-prompts", type=int, default=0, help="held-out windows (from the `eval` split)")

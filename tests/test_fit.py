@@ -331,6 +331,12 @@ def test_cli_fit_writes_the_weights_and_prints_the_table(tmp_path, capsys):
     calibration = load_config(tmp_path / "head").calibration
     assert calibration["form"] == "untied" and len(calibration["a"]) == 2
     assert calibration["report"]["heldout"]["tokens"] == 32 and calibration["report"]["fit"]["tokens"] == 48
+    # --out: a copy with another schedule; the original keeps its own.
+    with pytest.warns(UserWarning, match="fewer than 1000 human tokens"):
+        assert main([*args[:-6], "--max-new-tokens", "12", "--bin-size", "4", "--form", "untied", "--out",
+                     str(tmp_path / "copy")]) == 0
+    assert load_config(tmp_path / "copy").calibration["max_new_tokens"] == 12
+    assert load_config(tmp_path / "head").calibration["max_new_tokens"] == 8
     with pytest.raises(SystemExit):
         main([*args[:-2], "--form", "both"])
     assert main([*args, "--bin-size", "0"]) == 2

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Fit the shipped head's weights and measure the result on held-out text (the README's calibrated result).
 # Fit: untied (a_t, b_t) per 32-step bin on the fit side of pydoc; measure: the eval side, never seen by
-# labels, head or fit.
+# labels, head or fit. T is the generation length the schedule covers; FIT_OUT writes the fitted head to
+# another folder (the 512-token schedule lives beside the shipped 256-token one):
+#   T=512 FIT_OUT=heads/smollm2-135m-512 PROMPTS=47 OUT=results/calibrated-512 training/smollm2-135m/calibrate.sh
 set -euo pipefail
 HEAD=${HEAD:-heads/smollm2-135m}
-calibrated-sampling fit --model smollm2-135m --head "$HEAD" --data pydoc --num-prompts ${FIT_PROMPTS:-24} \
-    --heldout-prompts ${HELDOUT_PROMPTS:-16} --max-new-tokens 256 --bin-size 32 --form ${FORM:-untied}
+T=${T:-256}
+calibrated-sampling fit --model smollm2-135m --head "$HEAD" ${FIT_OUT:+--out "$FIT_OUT"} --data pydoc \
+    --num-prompts ${FIT_PROMPTS:-24} --heldout-prompts ${HELDOUT_PROMPTS:-16} --max-new-tokens $T --bin-size 32 \
+    --form ${FORM:-untied}
 calibrated-sampling measure --model smollm2-135m --data pydoc --split eval \
-    --samplers "base,calibrated:$HEAD,${TEMPERATURE:-temperature=0.9}" \
-    --num-prompts ${PROMPTS:-32} --max-new-tokens 256 --batch-size 16 --seed 0 --out ${OUT:-results/calibrated}
+    --samplers "base,calibrated:${FIT_OUT:-$HEAD},${TEMPERATURE:-temperature=0.9}" \
+    --num-prompts ${PROMPTS:-32} --max-new-tokens $T --batch-size 16 --seed 0 --out ${OUT:-results/calibrated}
