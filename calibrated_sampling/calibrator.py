@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
@@ -408,8 +409,6 @@ def calibrated_sampler(spec: str, model: PreTrainedModel | None) -> CalibratedSa
     calibrator = FutureEntropyCalibrator.from_pretrained(head_dir, model, **options)
     # Label folders record q by its processors' `spec`; a digest of the head's files keeps that record
     # meaningful after the folder is refitted or replaced.
-    digest = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        digest.update(open(os.path.join(head_dir, name), "rb").read())
-    calibrator.spec = f"{spec} (head files sha256 {digest.hexdigest()[:16]})"
+    files = b"".join(Path(head_dir, name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    calibrator.spec = f"{spec} (head files sha256 {hashlib.sha256(files).hexdigest()[:16]})"
     return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, calibrator=calibrator)

@@ -585,7 +585,7 @@ def make_labels(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "windows": len(windows),
         "windows_sha256": windows_digest(_cut(windows, max_new_tokens) if kind != "returns" else
-                                          [dataclasses.replace(w, continuation_ids=()) for w in windows]),
+                                         [dataclasses.replace(w, continuation_ids=()) for w in windows]),
         "data_spec": data_spec,
     }
     directory = Path(out_dir)

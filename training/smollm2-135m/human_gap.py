@@ -35,16 +35,15 @@ def candidate_log_probs(model, hidden: torch.Tensor, token: torch.Tensor, chunk:
     return torch.cat(out).double()
 
 
-def gaps(rows: dict, values: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Per context: value at the human token minus the p-weighted mean over the context's candidates."""
-    _, group = torch.unique(rows["context_id"], return_inverse=True)
+def gaps(group: torch.Tensor, human_rows: torch.Tensor, values: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Per context (``group``: each row's context index): value at the human token minus the p-weighted
+    mean over the context's candidates."""
     n = int(group.max()) + 1
     weight = torch.exp(log_p - torch.zeros(n, dtype=log_p.dtype).scatter_reduce(0, group, log_p, "amax")[group])
     total = torch.zeros(n, dtype=weight.dtype).index_add_(0, group, weight)
     mean = torch.zeros(n, dtype=weight.dtype).index_add_(0, group, weight * values) / total
     human = torch.full((n,), math.nan, dtype=weight.dtype)
-    where = rows["human"].bool()
-    human[group[where]] = values[where]
+    human[group[human_rows]] = values[human_rows]
     return (human - mean)[~human.isnan()]
 
 
@@ -71,8 +70,10 @@ def main() -> None:
         with torch.no_grad():
             log_p = candidate_log_probs(model, rows["hidden"], rows["token"])
             predicted = head.predict_rows(rows["hidden"], rows["token"], rows["horizon"]).double()
-        measured, guessed = gaps(rows, rows["target"].double(), log_p), gaps(rows, predicted, log_p)
         _, group = torch.unique(rows["context_id"], return_inverse=True)
+        human_rows = rows["human"].bool()
+        measured = gaps(group, human_rows, rows["target"].double(), log_p)
+        guessed = gaps(group, human_rows, predicted, log_p)
         covered = torch.zeros(int(group.max()) + 1, dtype=log_p.dtype).index_add_(0, group, log_p.exp()).mean().item()
         corr = torch.corrcoef(torch.stack([measured, guessed]))[0, 1].item()
         report[name] = {"horizon": int(rows["horizon"].max()), "p_covered": covered, "measured": summary(measured),
