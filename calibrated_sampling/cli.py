@@ -117,10 +117,13 @@ def cmd_measure(args) -> int:
         args.device = str(state.device)
     with _main_first(state):
         model, tokenizer, windows = _load(args)
-    results = measure(model, tokenizer, windows, specs, batch_size=args.batch_size, seed=args.seed,
-                      stop_at_eos=not args.ignore_eos)
-    if state is not None and not state.is_main:
-        return 0  # every process holds the full results; process 0 writes them
+    kwargs = dict(batch_size=args.batch_size, seed=args.seed, stop_at_eos=not args.ignore_eos)
+    if state is None:
+        results = _measure_with_journal(model, tokenizer, windows, specs, Path(args.out), **kwargs)
+    else:
+        results = measure(model, tokenizer, windows, specs, **kwargs)
+        if not state.is_main:
+            return 0  # every process holds the full results; process 0 writes them
     settings = {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size",
                                              "seed", "split", "dtype", "ignore_eos")}
     settings.update(machine=_machine(), seconds=round(time.perf_counter() - started, 1), version=__version__)
@@ -130,6 +133,31 @@ def cmd_measure(args) -> int:
     print(format_table(results))
     print(f"\nwrote {path} and {plot}")
     return 0
+
+
+def _measure_with_journal(model, tokenizer, windows, specs: list[str], out: Path, **kwargs) -> dict:
+    """measure() one sampler at a time, each finished one kept in ``OUT/measurements.jsonl``
+    (:mod:`.journal`): an interrupted run measures again only what it had not finished."""
+    from .compare import journal_key, run_fingerprint
+    from .journal import JOURNAL_NAME, Journal
+    from .measure import measure
+    from .samplers import parse_sampler
+
+    journal = Journal(out / JOURNAL_NAME, run_fingerprint(model, tokenizer, windows, kwargs["seed"], command="measure",
+                                                          batch_size=kwargs["batch_size"],
+                                                          stop_at_eos=kwargs["stop_at_eos"]))
+    results = {}
+    for spec in specs:
+        sampler = parse_sampler(spec, model)
+        key = journal_key(sampler)
+        result = journal.get(key)
+        if result is None:
+            result = measure(model, tokenizer, windows, [sampler], **kwargs)[spec]
+            journal.add(key, result)
+        else:
+            print(f"{spec}: from {journal.path}", file=sys.stderr)
+        results[spec] = result
+    return results
 
 
 def cmd_compare(args) -> int:

@@ -169,9 +169,7 @@ class Comparison:
     def run(self, spec: str, role: str) -> dict:
         if spec not in self.results:
             sampler = parse_sampler(spec, self.model)
-            # A hooked sampler's key names what it loaded (a calibrated head's spec carries a digest of the
-            # head's files), so a refitted head is measured again while the rest of the journal stands.
-            key = spec if type(sampler) is Sampler else describe_processors(sampler.processors)
+            key = journal_key(sampler)
             result = self.journal.get(key) if self.journal else None
             resumed = result is not None
             if not resumed:
@@ -240,14 +238,26 @@ def _calibrated_kind_available() -> bool:
     return True
 
 
-def comparison_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
-                           preset: Preset, seed: int) -> str:
-    """What every number of a comparison depends on, hashed: the journal of another one is refused. (Head
-    files are not part of it: :meth:`Comparison.run` keys each calibrated measurement by its head's digest.)"""
+def journal_key(sampler: Sampler) -> str:
+    """A measurement's key in a journal. A hooked sampler's key names what it loaded (a calibrated head's
+    spec carries a digest of the head's files), so a refitted head is measured again while the rest of
+    the journal stands."""
+    return sampler.spec if type(sampler) is Sampler else describe_processors(sampler.processors)
+
+
+def run_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], seed: int, **settings) -> str:
+    """What every number of a run depends on, hashed (``settings``: the rest, JSON-able): the journal of
+    another run is refused. Head files are not part of it: :func:`journal_key` carries their digest."""
     return fingerprint({"model": {**model_fingerprint(model), "weights": weights_digest(model)},
                         "device": model.device.type, "tokenizer": tokenizer_fingerprint(tokenizer),
-                        "windows": windows_digest(windows), "fit_windows": windows_digest(fit_windows or []),
-                        "preset": asdict(preset), "seed": seed})
+                        "windows": windows_digest(windows), "seed": seed, **settings})
+
+
+def comparison_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
+                           preset: Preset, seed: int) -> str:
+    """The fingerprint of a comparison's journal (:func:`run_fingerprint`)."""
+    return run_fingerprint(model, tokenizer, windows, seed, fit_windows=windows_digest(fit_windows or []),
+                           preset=asdict(preset))
 
 
 def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,

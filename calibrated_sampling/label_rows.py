@@ -24,10 +24,11 @@ from .train import EVAL_KEYS, baseline_predict, fit_baseline
 FOLDER_STRIDE = 10**12  # context ids of folder i are offset by i * FOLDER_STRIDE, so folders never share one
 
 
-def _window_share(window: torch.Tensor, val_fraction: float, salt: str = "validation") -> torch.Tensor:
+def window_share(window: torch.Tensor, val_fraction: float, salt: str = "validation") -> torch.Tensor:
     """A fixed pseudo-random choice per window index. Folders labelled from the same data and split list
     the same prompts in the same order (make_windows is deterministic), so window i is the same prompt
-    in every folder and validates in all of them or in none: no prompt leaks across folders."""
+    in every folder and validates in all of them or in none: no prompt leaks across folders. (Analyses
+    that must judge on train-head's held-out prompts call it with the same fraction.)"""
     keep = [int.from_bytes(hashlib.sha256(f"{salt}/{w}".encode()).digest()[:4], "big") / 2**32 < val_fraction
             for w in window.tolist()]
     return torch.tensor(keep, dtype=torch.bool)
@@ -76,9 +77,9 @@ def load_training_rows(
             raise ValueError(f"label folder {folder} has no rows yet")
         steps = manifest["settings"]["max_new_tokens"]
         window = labels["context_id"] // steps
-        held_out = _window_share(window, val_fraction)
+        held_out = window_share(window, val_fraction)
         if train_fraction < 1.0:  # keep the training windows whose hash falls below the fraction
-            train_windows = ~held_out & _window_share(window, train_fraction, salt="train-share")
+            train_windows = ~held_out & window_share(window, train_fraction, salt="train-share")
         else:
             train_windows = ~held_out
         target = labels["target"]

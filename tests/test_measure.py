@@ -147,6 +147,33 @@ def test_cli_measure_end_to_end(tmp_path, tiny_model, capsys):
     assert again["samplers"]["base"]["gen_entropy"] == base["gen_entropy"]
 
 
+def test_cli_measure_resumes_from_its_journal(tmp_path, tiny_model, monkeypatch, capsys):
+    tok = make_tokenizer()
+    tiny_model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rng = torch.Generator().manual_seed(1)
+    (tmp_path / "text.txt").write_text("\n\n".join(word_text(rng, 60) for _ in range(12)))
+    out = tmp_path / "out"
+    args = ["measure", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--split", "all",
+            "--num-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "10", "--batch-size", "2",
+            "--out", str(out)]
+    calls = []
+    monkeypatch.setattr(measure_module, "measure", lambda *a, **k: calls.append(a[3][0].spec) or measure(*a, **k))
+    assert main([*args, "--samplers", "base,top_p=0.9"]) == 0
+    assert calls == ["base", "top_p=0.9"] and len((out / "measurements.jsonl").read_text().splitlines()) == 3
+    first = json.loads((out / "results.json").read_text())["samplers"]
+    # A rerun (say after an interruption) measures only what the journal lacks, with the same numbers.
+    calls.clear()
+    assert main([*args, "--samplers", "top_p=0.9,base,temperature=0.8"]) == 0
+    assert calls == ["temperature=0.8"]
+    again = json.loads((out / "results.json").read_text())["samplers"]
+    for spec in ("base", "top_p=0.9"):
+        assert json.dumps(again[spec], sort_keys=True) == json.dumps(first[spec], sort_keys=True)
+    # Other prompts (here: fewer) are another run: its journal is refused, naming the file.
+    assert main([*args[:-2], "--num-prompts", "2", "--samplers", "base", "--out", str(out)]) == 2
+    assert "measurements.jsonl" in capsys.readouterr().err
+
+
 def test_cli_errors_name_the_argument(tmp_path, capsys):
     assert main(["measure", "--samplers", "nucleus=0.9", "--out", str(tmp_path)]) == 2
     assert "nucleus=0.9" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from calibrated_sampling.heads import FutureEntropyHead
-from calibrated_sampling.label_rows import _window_share  # train-head's split of prompts
+from calibrated_sampling.label_rows import window_share  # train-head's split of prompts
 from calibrated_sampling.label_store import load_labels, read_manifest
 from calibrated_sampling.models import load_model
 
@@ -65,7 +65,7 @@ def main() -> None:
     for name in FOLDERS:
         folder = Path(args.labels) / name
         labels = load_labels(folder, model=model, progress=False)
-        held_out = _window_share(labels["context_id"] // read_manifest(folder)["settings"]["max_new_tokens"], 0.2)
+        held_out = window_share(labels["context_id"] // read_manifest(folder)["settings"]["max_new_tokens"], 0.2)
         rows = {key: labels[key][held_out] for key in ("hidden", "token", "horizon", "target", "context_id", "human")}
         with torch.no_grad():
             log_p = candidate_log_probs(model, rows["hidden"], rows["token"])
