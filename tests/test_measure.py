@@ -119,16 +119,22 @@ def test_truncating_sampler_reports_inf_and_smoothed(tiny):
     assert r["entce"] == pytest.approx(r["gen_entropy"] - r["log_loss_smoothed"])
 
 
-def test_cli_measure_end_to_end(tmp_path, tiny_model, capsys):
+def _cli_measure_args(tmp_path, tiny_model) -> list[str]:
+    """A saved tiny model and a text file in ``tmp_path``, and the `measure` arguments that use them
+    (3 prompts x 10 tokens; no --samplers, no --out)."""
     tok = make_tokenizer()
     tiny_model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     rng = torch.Generator().manual_seed(0)
     (tmp_path / "text.txt").write_text("\n\n".join(word_text(rng, 60) for _ in range(12)))
+    return ["measure", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--split", "all",
+            "--num-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "10", "--batch-size", "2"]
+
+
+def test_cli_measure_end_to_end(tmp_path, tiny_model, capsys):
+    args = _cli_measure_args(tmp_path, tiny_model)
     out = tmp_path / "out"
-    code = main(["measure", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--split", "all",
-                 "--num-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "10", "--batch-size", "2",
-                 "--samplers", "base,top_p=0.9", "--out", str(out)])
+    code = main([*args, "--samplers", "base,top_p=0.9", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"model", "data", "settings", "samplers"}
@@ -140,23 +146,14 @@ def test_cli_measure_end_to_end(tmp_path, tiny_model, capsys):
     assert (out / "curves.png").stat().st_size > 10_000
     assert "base" in capsys.readouterr().out
     # Same seed, same numbers.
-    main(["measure", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--split", "all",
-          "--num-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "10", "--batch-size", "2",
-          "--samplers", "base,top_p=0.9", "--out", str(tmp_path / "again")])
+    main([*args, "--samplers", "base,top_p=0.9", "--out", str(tmp_path / "again")])
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["samplers"]["base"]["gen_entropy"] == base["gen_entropy"]
 
 
 def test_cli_measure_resumes_from_its_journal(tmp_path, tiny_model, monkeypatch, capsys):
-    tok = make_tokenizer()
-    tiny_model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    rng = torch.Generator().manual_seed(1)
-    (tmp_path / "text.txt").write_text("\n\n".join(word_text(rng, 60) for _ in range(12)))
     out = tmp_path / "out"
-    args = ["measure", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--split", "all",
-            "--num-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "10", "--batch-size", "2",
-            "--out", str(out)]
+    args = [*_cli_measure_args(tmp_path, tiny_model), "--out", str(out)]
     calls = []
     monkeypatch.setattr(measure_module, "measure", lambda *a, **k: calls.append(a[3][0].spec) or measure(*a, **k))
     assert main([*args, "--samplers", "base,top_p=0.9"]) == 0
