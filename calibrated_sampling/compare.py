@@ -431,15 +431,20 @@ def plot_frontiers(payload: dict, out_dir: Path) -> list[Path]:
             families[name].append((identity, payload["samplers"]["base"], "base"))
     matched = {m["spec"] for m in payload.get("matched", {}).values()}
     paths = []
-    panels = [("frontier_logloss.png", [("log loss (smoothed for truncating samplers: hollow, dotted)", None)]),
-              ("frontier_diversity.png", [("distinct-2 (higher = more diverse)", "distinct_2"),
-                                          ("self-BLEU (lower = more diverse)", "self_bleu")])]
+    # The truncating samplers' smoothed log losses spread far to the right of the others, so the log-loss
+    # figure has a second panel with only the untruncated families, on their own (narrow) log-loss range.
+    panels = [("frontier_logloss.png", [("log loss (smoothed for truncating samplers: hollow, dotted)", None, False),
+                                        ("log loss, untruncated samplers only", None, True)]),
+              ("frontier_diversity.png", [("distinct-2 (higher = more diverse)", "distinct_2", False),
+                                          ("self-BLEU (lower = more diverse)", "self_bleu", False)])]
     for filename, axes_spec in panels:
         fig, axes = plt.subplots(1, len(axes_spec), figsize=(7 * len(axes_spec), 5), squeeze=False)
-        for ax, (label, key) in zip(axes[0], axes_spec):
+        for ax, (label, key, untruncated_only) in zip(axes[0], axes_spec):
             for i, (name, points) in enumerate(sorted(families.items())):
                 points.sort(key=lambda p: p[0])
                 truncating = any(r.get("truncating") for _, r, _ in points)
+                if truncating and untruncated_only:
+                    continue
                 xs = [(r["log_loss_smoothed"] if r.get("truncating") else r["log_loss"]) if key is None else r.get(key)
                       for _, r, _ in points]
                 ys = [r["entce"] for _, r, _ in points]
