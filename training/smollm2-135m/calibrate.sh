@@ -7,7 +7,8 @@
 # DATA: the text of the fit and the measurement (each on its own side of the split; default pydoc); with
 # Jane Austen, text the head never saw at all (it was trained on pydoc):
 #   DATA=../shared/data/austen T=512 FIT_OUT=heads/smollm2-135m-austen-512 PROMPTS=128 \
-#     TEMPERATURE=temperature=0.97 OUT=results/calibrated-austen-512 training/smollm2-135m/calibrate.sh
+#     TEMPERATURE=temperature=0.97,temperature=0.96,temperature=1.04 OUT=results/calibrated-austen-512 \
+#     training/smollm2-135m/calibrate.sh
 # measure keeps a journal in OUT: a rerun after an interruption measures only what it had not finished.
 set -euo pipefail
 HEAD=${HEAD:-heads/smollm2-135m}
