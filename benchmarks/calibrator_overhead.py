@@ -19,9 +19,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from calibrated_sampling.calibrator import FutureEntropyCalibrator
-from calibrated_sampling.data import load_documents, make_windows
+from calibrated_sampling.data import batch_windows, load_documents, make_windows
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
-from calibrated_sampling.measure import batch_windows
 from calibrated_sampling.models import load_model
 
 

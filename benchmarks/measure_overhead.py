@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from calibrated_sampling.data import load_documents, make_windows
-from calibrated_sampling.measure import batch_windows, measure
+from calibrated_sampling.data import batch_windows, load_documents, make_windows
+from calibrated_sampling.measure import measure
 from calibrated_sampling.models import load_model
 
 

@@ -1,4 +1,4 @@
-"""FutureEntropyCalibrator: sample from the calibrated q inside ``generate()`` (DESIGN.md section 2).
+"""FutureEntropyCalibrator: sample from the calibrated q inside ``generate()`` (docs/design.md, *The method*).
 
 At generation step t (0-based) of a generation fitted for T new tokens, with remaining horizon
 k = T - 1 - t and the step's weights (a_t, b_t) from the head's fitted schedule:
@@ -19,17 +19,20 @@ The schedule format (``head.config.calibration``, written by the fitting code)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .heads import CONFIG_NAME, WEIGHTS_NAME, FutureEntropyHead, check_compatible
-from .samplers import Sampler
+from .samplers import ModelRequired, Sampler, format_number, parse_number, register_sampler_kind, spec_options
 
 FORMS = ("tied", "untied", "global")
 PAST_SCHEDULE = ("error", "base")  # what to do at steps t >= T: raise, or sample from the base model
@@ -118,7 +121,7 @@ class CalibratorHandle:
 
 class FutureEntropyCalibrator(LogitsProcessor):
     r"""Logits processor that samples from q_t ∝ exp(a_t log p - b_t F_k) (Cao, Valiant & Liang 2025,
-    "On the Entropy Calibration of Language Models", arXiv 2511.11966; DESIGN.md section 2).
+    "On the Entropy Calibration of Language Models", arXiv 2511.11966; docs/design.md, *The method*).
 
     It must be attached to the model that generates (``with calibrator.attached(model): ...``): hooks
     read the hidden state and count the steps. The step of a generation is the context length minus
@@ -126,9 +129,10 @@ class FutureEntropyCalibrator(LogitsProcessor):
     new cache, a batch-size change or a context length that does not grow by one (``reset()`` forces it).
 
     Args:
-        head (`FutureEntropyHead`): predicts F_k(x, v).
+        head (`FutureEntropyHead` or `None`): predicts F_k(x, v). ``None`` for a schedule whose every b_t
+            is 0 (a per-step temperature schedule, which needs the step bookkeeping but no F).
         calibration (`dict`, *optional*): the fitted schedule (module docstring); default
-            ``head.config.calibration``.
+            ``head.config.calibration`` (required when ``head`` is None).
         scale (`float`, *optional*, defaults to 1.0): multiplies every b_t (0 keeps only the a_t part,
             temperature 1 / a_t).
         fused (`bool`, *optional*): fold the calibration into the hidden state (tied heads only).
@@ -153,9 +157,15 @@ class FutureEntropyCalibrator(LogitsProcessor):
 
     def __init__(self, head: FutureEntropyHead, calibration: dict | None = None, scale: float = 1.0,
                  fused: bool | None = None, past_schedule: str = "error", check_base_model: bool = True):
-        if not isinstance(head, FutureEntropyHead):
-            raise ValueError(f"`head` must be a FutureEntropyHead, but is {type(head).__name__}")
-        if calibration is None:
+        if head is not None and not isinstance(head, FutureEntropyHead):
+            raise ValueError(f"`head` must be a FutureEntropyHead or None, but is {type(head).__name__}")
+        if head is None:
+            # Without a head there is no F: only a schedule that never weights F can be sampled.
+            if calibration is None:
+                raise ValueError("`head` is None, so `calibration` is required (a schedule whose b are all 0)")
+            if any(x != 0 for x in check_calibration(calibration)["b"]):
+                raise ValueError(f"`head` is None, so every b of `calibration` must be 0, but b is {calibration['b']!r}")
+        elif calibration is None:
             calibration = head.config.calibration
         if calibration is None:
             raise ValueError("the head has no fitted calibration (`config.calibration` is empty): fit one "
@@ -165,13 +175,14 @@ class FutureEntropyCalibrator(LogitsProcessor):
             raise ValueError(f"`scale` must be a finite number, but is {scale!r}")
         if fused not in (None, True, False):
             raise ValueError(f"`fused` must be None, True or False, but is {fused!r}")
-        if fused and head.config.family != "tied":
-            raise ValueError(f"`fused`=True needs a tied head; this head is {head.config.family!r}")
+        if fused and (head is None or head.config.family != "tied"):
+            raise ValueError(f"`fused`=True needs a tied head; this head is "
+                             f"{None if head is None else head.config.family!r}")
         if past_schedule not in PAST_SCHEDULE:
             raise ValueError(f"`past_schedule` must be one of {', '.join(PAST_SCHEDULE)}, but is {past_schedule!r}")
-        self.head = head.eval()
+        self.head = None if head is None else head.eval()
         self.scale = float(scale)
-        self.fused = fused if head.config.family == "tied" else False
+        self.fused = fused if head is not None and head.config.family == "tied" else False
         self.past_schedule = past_schedule
         self.check_base_model = check_base_model
         self.max_new_tokens: int = calibration["max_new_tokens"]  # T
@@ -206,11 +217,12 @@ class FutureEntropyCalibrator(LogitsProcessor):
         detaches, also as a context manager."""
         if self._model is not None:
             raise RuntimeError("the calibrator is already attached to a model; call `detach()` first")
-        check_compatible(self.head.config, model, check_base_model=self.check_base_model)
         out = model.get_output_embeddings()
-        if self.head.config.family == "tied":  # the head scores with this model's own, frozen table
-            self.head.attach_output_embedding(out.weight, getattr(out, "bias", None))
-        self.head.to(out.weight.device)
+        if self.head is not None:  # without a head the schedule's own file identifies the model (schedule.py)
+            check_compatible(self.head.config, model, check_base_model=self.check_base_model)
+            if self.head.config.family == "tied":  # the head scores with this model's own, frozen table
+                self.head.attach_output_embedding(out.weight, getattr(out, "bias", None))
+            self.head.to(out.weight.device)
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, always_call=True),
@@ -317,6 +329,18 @@ class FutureEntropyCalibrator(LogitsProcessor):
             future = self.head(hidden, torch.tensor(k)).float().to(logp.device)  # (B, V)
         return a * logp - b * future
 
+    def _check_width(self, scores: torch.Tensor, name: str) -> None:
+        """A named error for scores of another vocabulary (torch's broadcasting error names nothing)."""
+        if self.head is not None:
+            size, owner = self.head.config.vocab_size, "the head's vocabulary"
+        elif self._model is not None:
+            size, owner = self._model.get_output_embeddings().weight.shape[0], "the attached model's vocabulary"
+        else:
+            return
+        if scores.shape[-1] != size:
+            raise ValueError(f"`{name}` has {scores.shape[-1]} columns, but {owner} has {size} tokens: the scores "
+                             "come from another model or vocabulary")
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._model is None:
             raise RuntimeError("the calibrator is not attached to a model: use `with calibrator.attached(model): "
@@ -325,6 +349,7 @@ class FutureEntropyCalibrator(LogitsProcessor):
             raise RuntimeError(f"`input_ids` of shape {tuple(input_ids.shape)} do not match the attached model's "
                                f"latest forward pass ({self._rows} rows, context length {self._length}): the scores "
                                f"must come from that pass (is the calibrator attached to the model that generates?)")
+        self._check_width(scores, "scores")
         step = input_ids.shape[1] - self._prompt_length
         self._called = True
         nan = torch.isnan(scores).any()
@@ -355,20 +380,22 @@ class FutureEntropyCalibrator(LogitsProcessor):
     def teacher_forced_logits(self, base_logits: torch.Tensor, hidden: torch.Tensor, step: int) -> torch.Tensor:
         """q's logits (B, V), float32, at generation step ``step`` from the base logits and hidden states
         (B, H) of a teacher-forced pass; needs no hooks."""
+        self._check_width(base_logits, "base_logits")
         if self._past_schedule(step):
             return base_logits.float()
         return self._exact(base_logits, hidden, step)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The `calibrated:HEAD_DIR[:scale=S][:fused=0|1][:past=base]` sampler kind (registered in samplers.py)
+# The `calibrated:HEAD_DIR[:scale=S][:fused=auto|0|1][:past=error|base][:sha256=D]` sampler kind
 
 
 @dataclass
 class CalibratedSampler(Sampler):
-    """A :class:`Sampler` whose processor is a :class:`FutureEntropyCalibrator`."""
+    """A :class:`Sampler` whose processor is a :class:`FutureEntropyCalibrator` (it hooks the model)."""
 
     calibrator: FutureEntropyCalibrator | None = None
+    hooks_model: ClassVar[bool] = True
 
     def attach(self, model: PreTrainedModel) -> CalibratorHandle:
         return self.calibrator.attached(model)
@@ -378,37 +405,79 @@ class CalibratedSampler(Sampler):
         return self.calibrator.teacher_forced_logits(base_logits, hidden, step)
 
 
-def _flag(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"needs 0 / 1 / true / false, but is {text!r}")
+SPEC_OPTIONS = {"scale": 1.0, "fused": None, "past": "error", "sha256": None}  # defaults, in key order
+FUSED = {"auto": None, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+FUSED_TEXT = {None: "auto", True: "1", False: "0"}
 
 
-SPEC_OPTIONS = {"scale": ("scale", float), "fused": ("fused", _flag), "past": ("past_schedule", str)}
+def head_files_digest(head_dir: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of a head folder's config and weights: what a calibrated key pins."""
+    files = b"".join(Path(head_dir, name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    return hashlib.sha256(files).hexdigest()[:16]
+
+
+def head_identity(head_dir: str | os.PathLike) -> str:
+    """The folder as a key names it: relative to the working directory when inside it (so a journal
+    resumes in another clone), else absolute; ``/`` separated, no trailing slash."""
+    path = Path(head_dir).expanduser().resolve()
+    with contextlib.suppress(ValueError):
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    return path.as_posix()
+
+
+def _spec_option(spec: str, name: str, raw: str):
+    if name == "scale":
+        return parse_number(spec, name, raw)
+    if name == "fused":
+        if raw.lower() not in FUSED:
+            raise ValueError(f"sampler spec {spec!r}: `fused` needs auto / 0 / 1, but is {raw!r}")
+        return FUSED[raw.lower()]
+    if name == "past":
+        if raw not in PAST_SCHEDULE:
+            raise ValueError(f"sampler spec {spec!r}: `past` needs {' or '.join(PAST_SCHEDULE)}, but is {raw!r}")
+        return raw
+    if not re.fullmatch(r"[0-9a-f]{16}", raw):
+        raise ValueError(f"sampler spec {spec!r}: `sha256` needs 16 hex digits, but is {raw!r}")
+    return raw
+
+
+def parse_calibrated(spec: str) -> tuple[str, dict]:
+    """(head folder, options with their defaults) of a calibrated spec; options are read from the end,
+    so a folder name may hold ``:``."""
+    head_dir, raw = spec_options(spec, SPEC_OPTIONS)
+    options = {**SPEC_OPTIONS, **{name: _spec_option(spec, name, text) for name, text in raw.items()}}
+    if not head_dir:
+        raise ValueError(f"sampler spec {spec!r} names no head folder: use calibrated:HEAD_DIR[:scale=S]")
+    return head_dir, options
+
+
+def _check_head_folder(spec: str, head_dir: str, pinned: str | None) -> str:
+    """The folder's files digest, after checking that the files are there (and match ``pinned``)."""
+    if not Path(head_dir).is_dir():
+        raise FileNotFoundError(f"sampler spec {spec!r}: head folder {head_dir} does not exist")
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not Path(head_dir, name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"sampler spec {spec!r}: head folder {head_dir} has no {' and no '.join(missing)}")
+    digest = head_files_digest(head_dir)
+    if pinned not in (None, digest):
+        raise ValueError(f"sampler spec {spec!r} pins head files sha256 {pinned}, but {head_dir} now holds "
+                         f"{digest}: the head was refitted or replaced since that key was made")
+    return digest
 
 
 def calibrated_sampler(spec: str, model: PreTrainedModel | None) -> CalibratedSampler:
-    """Build the sampler of a ``calibrated:HEAD_DIR[:scale=S][:fused=0|1][:past=error|base]`` spec."""
-    parts = spec.split(":")[1:]
-    options: dict[str, object] = {}
-    while parts and "=" in parts[-1] and parts[-1].split("=", 1)[0].strip() in SPEC_OPTIONS:
-        name, raw = (x.strip() for x in parts.pop().split("=", 1))
-        keyword, parse = SPEC_OPTIONS[name]
-        try:
-            options[keyword] = parse(raw)
-        except ValueError:
-            raise ValueError(f"sampler spec {spec!r}: `{name}` needs a {parse.__name__.strip('_')}, "
-                             f"but is {raw!r}") from None
-    head_dir = ":".join(parts).strip()
-    if not head_dir:
-        raise ValueError(f"sampler spec {spec!r} names no head folder: use calibrated:HEAD_DIR[:scale=S]")
+    """Build the sampler of a ``calibrated:HEAD_DIR[:scale=S][:fused=auto|0|1][:past=error|base][:sha256=D]``
+    spec (``sha256``: refuse a folder whose files changed). Its key spells out every option and the digest."""
+    head_dir, options = parse_calibrated(spec)
+    digest = _check_head_folder(spec, head_dir, options["sha256"])
     if model is None:
-        raise ValueError(f"sampler spec {spec!r} needs the model (the head is loaded against it)")
-    calibrator = FutureEntropyCalibrator.from_pretrained(head_dir, model, **options)
-    # Label folders record q by its processors' `spec`; a digest of the head's files keeps that record
-    # meaningful after the folder is refitted or replaced.
-    files = b"".join(Path(head_dir, name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME))
-    calibrator.spec = f"{spec} (head files sha256 {hashlib.sha256(files).hexdigest()[:16]})"
-    return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, calibrator=calibrator)
+        raise ModelRequired(spec)
+    calibrator = FutureEntropyCalibrator.from_pretrained(head_dir, model, scale=options["scale"],
+                                                         fused=options["fused"], past_schedule=options["past"])
+    key = ":".join(["calibrated", head_identity(head_dir), f"scale={format_number(options['scale'])}",
+                    f"fused={FUSED_TEXT[options['fused']]}", f"past={options['past']}", f"sha256={digest}"])
+    calibrator.key = key  # a bare processor list still names its q (samplers.processors_key)
+    return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, key=key, calibrator=calibrator)
+
+
+register_sampler_kind("calibrated", calibrated_sampler)

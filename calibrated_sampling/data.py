@@ -12,6 +12,7 @@ characters, so that one book gives many prompts and the fit / eval split can fal
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -19,9 +20,11 @@ import os
 import re
 import sysconfig
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 BUILTIN = ("pydoc", "stdlib-code")
@@ -94,10 +97,26 @@ def _stdlib_code_documents() -> list[Document]:
     return [Document(p.read_text(encoding="utf-8", errors="replace"), f"stdlib:{p.name}") for p in files]
 
 
+UNDECODABLE_SHARE = 0.01  # bytes a text file may hold that are not UTF-8 (a stray byte of another encoding)
+
+
+def _read_text(path: Path) -> str:
+    """A file's UTF-8 text; a file that is not text (NUL bytes, or more than 1% undecodable bytes) is
+    refused, naming it: its bytes would otherwise be measured as if they were prose."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") / max(len(data), 1)
+    nul = data.count(0)
+    if nul or undecodable > UNDECODABLE_SHARE:
+        raise ValueError(f"`data` file {path} is not UTF-8 text ({nul} NUL bytes, {undecodable:.1%} of its bytes "
+                         "do not decode): give text files, or convert it to UTF-8 first")
+    return text
+
+
 def _file_documents(paths: list[Path], chunk_chars: int) -> list[Document]:
     docs = []
     for path in paths:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(path)
         if path.suffix == ".py":  # code: one file, one document (blank lines are not chapter breaks)
             docs.append(Document(text, str(path)))
         else:
@@ -211,3 +230,35 @@ def make_windows(
             f"hold only {len(windows)} windows ({len(pool) - len(usable)} documents too short); lower "
             "num_prompts or the token counts, or add text")
     return windows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Windows as model input
+
+
+def cut_windows(windows: Sequence[Window], steps: int, name: str = "windows") -> list[Window]:
+    """``windows`` with their continuations cut to the first ``steps`` human tokens; a window with
+    fewer is an error that names it (``name``: the argument the windows came in)."""
+    short = [i for i, w in enumerate(windows) if len(w.continuation_ids) < steps]
+    if short:
+        raise ValueError(f"`max_new_tokens` is {steps}, but {name}[{short[0]}] has only "
+                         f"{len(windows[short[0]].continuation_ids)} human continuation tokens")
+    return [dataclasses.replace(w, continuation_ids=tuple(w.continuation_ids[:steps])) for w in windows]
+
+
+def batch_windows(windows: list[Window], pad_id: int, with_continuation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts (optionally followed by their continuations) into (B, L) ids and mask."""
+    rows = [list(w.prompt_ids) + (list(w.continuation_ids) if with_continuation else []) for w in windows]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) of a left-padded batch from its 2D attention mask: each row counts its real
+    tokens from 0, as ``generate()`` does, so that padding does not shift a prompt's positions (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -1,7 +1,7 @@
 """The future-entropy head: predicts F_k(x, v), the summed entropies of the k steps after token v.
 
 The head reads the LM's final hidden state h (the input of the output embedding) and the remaining
-horizon k, and predicts for every vocabulary token v (DESIGN.md section 2):
+horizon k, and predicts for every vocabulary token v (docs/design.md, *The heads*):
 
     f(h, k)_v = k * ( s(h, k) + scale * T_v . z(h, k) + c_v )          scale = 1 / sqrt(d)
 
@@ -25,6 +25,7 @@ The table T decides the family:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,9 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .files import read_json, write_atomic
 from .models import model_fingerprint, tokenizer_fingerprint
 
 CONFIG_NAME = "config.json"
@@ -44,6 +47,7 @@ WEIGHTS_NAME = "head.safetensors"
 CARD_NAME = "card.md"
 FORMAT = "calibrated-sampling-head"
 FORMAT_VERSION = 1
+DIGEST_KEY = "weights_sha256"  # config.json's record of the sha256 of head.safetensors (hex)
 FAMILIES = ("tied", "lowrank")
 MAX_PARAM_FRACTION = 0.05  # a head may hold at most this fraction of its LM's parameter count
 
@@ -74,16 +78,7 @@ class HeadConfig:
             raise ValueError(f"`rank` is only used by the lowrank family (None for tied), but is {self.rank!r}")
         names = ["hidden_size", "vocab_size", "mlp_hidden", "mlp_layers", "max_horizon"]
         names += ["rank"] if self.family == "lowrank" else []
-        names += ["lm_parameters"] if self.lm_parameters is not None else []
-        for name in names:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, but is {value!r}")
-        for name in ("base_model", "tokenizer_fingerprint"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"`{name}` must be a string, but is {getattr(self, name)!r}")
-        if not isinstance(self.label_settings, dict):
-            raise ValueError(f"`label_settings` must be a dict, but is {self.label_settings!r}")
+        check_fields(self, names)
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise ValueError(f"`calibration` must be a dict or None, but is {self.calibration!r}")
 
@@ -105,6 +100,50 @@ class HeadConfig:
         if unknown:
             raise ValueError(f"unknown head config fields: {', '.join(unknown)}")
         return cls(**record)
+
+
+def check_fields(config, positive: list[str]) -> None:
+    """Refuse a config (:class:`HeadConfig`, value.ValueConfig) whose ``positive`` fields are not positive
+    integers (``lm_parameters`` too, when set), whose provenance fields are not strings or whose
+    ``label_settings`` is not a dict; the error names the field and echoes its value."""
+    for name in [*positive, *(["lm_parameters"] if config.lm_parameters is not None else [])]:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, but is {value!r}")
+    for name in ("base_model", "tokenizer_fingerprint"):
+        if not isinstance(getattr(config, name), str):
+            raise ValueError(f"`{name}` must be a string, but is {getattr(config, name)!r}")
+    if not isinstance(config.label_settings, dict):
+        raise ValueError(f"`label_settings` must be a dict, but is {config.label_settings!r}")
+
+
+def horizon_mlp(hidden_size: int, mlp_hidden: int, mlp_layers: int) -> tuple[nn.LayerNorm, nn.Sequential, int]:
+    """The trunk every head shares (this one, value.py's): a LayerNorm of h and an MLP of (normalised h,
+    two horizon features); returns (norm, mlp, width of the MLP's output)."""
+    layers: list[nn.Module] = []
+    width = hidden_size + 2  # normalised h, plus two horizon features
+    for _ in range(mlp_layers):
+        layers += [nn.Linear(width, mlp_hidden), nn.GELU()]
+        width = mlp_hidden
+    return nn.LayerNorm(hidden_size), nn.Sequential(*layers), width
+
+
+def horizon_features(norm: nn.LayerNorm, hidden: torch.Tensor, horizon: torch.Tensor | int,
+                     max_horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's input (..., H + 2) = (norm(h), k / max_horizon, log1p of it), and k (...) in h's dtype, for
+    hidden (..., H) and a horizon (...) or scalar."""
+    k = torch.as_tensor(horizon, device=hidden.device).to(hidden.dtype).expand(hidden.shape[:-1])  # (...)
+    u = k / max_horizon
+    return torch.cat([norm(hidden), u.unsqueeze(-1), torch.log1p(u).unsqueeze(-1)], dim=-1), k
+
+
+def check_budget(head: nn.Module, lm_parameters: int | None, knobs: str) -> None:
+    """Refuse a head (of any kind) with more than MAX_PARAM_FRACTION of its LM's parameters, naming the
+    config fields (``knobs``) that shrink it; no budget when ``lm_parameters`` is None."""
+    count = sum(p.numel() for p in head.parameters())
+    if lm_parameters is not None and count > MAX_PARAM_FRACTION * lm_parameters:
+        raise ValueError(f"the {type(head).__name__} has {count:,} parameters, more than {MAX_PARAM_FRACTION:.0%} "
+                         f"of the LM's `lm_parameters` = {lm_parameters:,}; lower {knobs}")
 
 
 def _broadcast(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -133,13 +172,7 @@ class FutureEntropyHead(nn.Module):
         H, V = config.hidden_size, config.vocab_size
         self.dim = H if config.family == "tied" else config.rank  # d: length of z
         self.scale = 1.0 / math.sqrt(self.dim)
-        layers: list[nn.Module] = []
-        width = H + 2  # normalised h, plus two horizon features
-        for _ in range(config.mlp_layers):
-            layers += [nn.Linear(width, config.mlp_hidden), nn.GELU()]
-            width = config.mlp_hidden
-        self.norm = nn.LayerNorm(H)
-        self.mlp = nn.Sequential(*layers)
+        self.norm, self.mlp, width = horizon_mlp(H, config.mlp_hidden, config.mlp_layers)
         self.out = nn.Linear(width, self.dim + 1)  # -> (z, s)
         self.token_bias = nn.Parameter(torch.zeros(V))  # c
         with torch.no_grad():  # start token-independent: the head begins as a per-context rate
@@ -151,10 +184,7 @@ class FutureEntropyHead(nn.Module):
         self.register_buffer("output_bias", None, persistent=False)
         if output_embedding is not None:
             self.attach_output_embedding(output_embedding, output_bias)
-        if config.lm_parameters is not None and self.num_parameters() > MAX_PARAM_FRACTION * config.lm_parameters:
-            raise ValueError(f"the head has {self.num_parameters():,} parameters, more than {MAX_PARAM_FRACTION:.0%} "
-                             f"of the LM's `lm_parameters` = {config.lm_parameters:,}; lower `mlp_hidden`, "
-                             f"`mlp_layers` or `rank`")
+        check_budget(self, config.lm_parameters, "`mlp_hidden`, `mlp_layers` or `rank`")
 
     def num_parameters(self) -> int:
         """Trained parameters (the tied family's output embedding belongs to the LM and is not counted)."""
@@ -186,10 +216,7 @@ class FutureEntropyHead(nn.Module):
 
     def _trunk(self, hidden: torch.Tensor, horizon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., H), (...) -> z (..., d), s (...), k (...) as float."""
-        h = hidden.to(self.out.weight.dtype)
-        k = torch.as_tensor(horizon, device=h.device).to(h.dtype).expand(h.shape[:-1])
-        u = k / self.config.max_horizon
-        features = torch.cat([self.norm(h), u.unsqueeze(-1), torch.log1p(u).unsqueeze(-1)], dim=-1)  # (..., H + 2)
+        features, k = horizon_features(self.norm, hidden.to(self.out.weight.dtype), horizon, self.config.max_horizon)
         out = self.out(self.mlp(features))  # (..., d + 1)
         return out[..., : self.dim], out[..., self.dim], k
 
@@ -250,37 +277,26 @@ class FutureEntropyHead(nn.Module):
     # Save / load
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``head.safetensors`` (trained weights only) and a sorted, indented ``config.json``."""
+        """Write ``head.safetensors`` (trained weights only) and a sorted, indented ``config.json`` that
+        records the weight file's sha256 (``weights_sha256``), so that loading refuses other weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        record = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.config.to_dict()}
-        _write_text(directory / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        data = save_safetensors(state, metadata={"format": FORMAT})
+        write_atomic(directory / WEIGHTS_NAME, data)
+        write_config(directory, self.config, hashlib.sha256(data).hexdigest())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None, tokenizer=None,
                         check_base_model: bool = True) -> FutureEntropyHead:
         """Load a head folder; with ``model`` / ``tokenizer``, refuse a head made for another LM
         (see :func:`check_compatible`) and attach the model's output embedding (tied family)."""
-        directory = Path(directory)
-        config = load_config(directory)
-        if model is not None or tokenizer is not None:
-            check_compatible(config, model, tokenizer, check_base_model=check_base_model)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"head folder {directory} has no {WEIGHTS_NAME}")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{weights} is not a readable safetensors file ({error}); the head is corrupt") from None
+        config, state = read_folder(directory, model, tokenizer, check_base_model)
         head = cls(config)
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"{weights} does not match its {CONFIG_NAME}: {error}") from None
+            raise ValueError(f"{Path(directory, WEIGHTS_NAME)} does not match its {CONFIG_NAME}: {error}") from None
         if model is not None:
             out = model.get_output_embeddings()
             if config.family == "tied":
@@ -289,31 +305,126 @@ class FutureEntropyHead(nn.Module):
         return head
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_config(directory: str | os.PathLike) -> HeadConfig:
-    """The :class:`HeadConfig` of a head folder, with clear errors for missing or corrupt files."""
+def read_folder(directory: str | os.PathLike, model=None, tokenizer=None, check_base_model: bool = True,
+                config_class=HeadConfig, file_format: str = FORMAT) -> tuple:
+    """(config, weight tensors) of a head folder (or another kind stored the same way: ``config_class``,
+    ``file_format``), after refusing one made for another LM (:func:`check_compatible`, with ``model`` /
+    ``tokenizer``) and weights that are not the file its config records (:func:`check_weights_digest`)."""
     directory = Path(directory)
+    config = load_config(directory, config_class, file_format)
+    if model is not None or tokenizer is not None:
+        check_compatible(config, model, tokenizer, check_base_model=check_base_model)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"head folder {directory} has no {WEIGHTS_NAME}")
+    data = weights.read_bytes()
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error}); the head is corrupt") from None
+    check_weights_digest(directory, hashlib.sha256(data).hexdigest(), file_format)
+    return config, state
+
+
+def write_config(directory: str | os.PathLike, config: HeadConfig, weights_sha256: str,
+                 file_format: str = FORMAT) -> Path:
+    """Write a head folder's ``config.json`` (sorted, indented, atomically): the format, ``config`` and the
+    sha256 of the ``head.safetensors`` it belongs to. Returns its path. ``file_format``: another folder kind
+    stored the same way (value.py's state-value heads), with a config of its own that has ``to_dict``."""
+    if not (isinstance(weights_sha256, str) and len(weights_sha256) == 64
+            and all(c in "0123456789abcdef" for c in weights_sha256)):
+        raise ValueError(f"`weights_sha256` must be 64 lowercase hex digits, but is {weights_sha256!r}")
+    record = {"format": file_format, "format_version": FORMAT_VERSION, DIGEST_KEY: weights_sha256,
+              **config.to_dict()}
+    return write_atomic(Path(directory) / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True, allow_nan=False)
+                        + "\n")
+
+
+def _read_record(directory: Path, file_format: str = FORMAT) -> dict:
+    """config.json of a head folder as a dict, with clear errors for a missing folder, file or bad JSON."""
     path = directory / CONFIG_NAME
     if not directory.is_dir():
         raise FileNotFoundError(f"head folder {directory} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"head folder {directory} has no {CONFIG_NAME}")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(record, dict) or record.pop("format", None) != FORMAT:
-        raise ValueError(f"{path} is not a calibrated-sampling head config (no \"format\": \"{FORMAT}\")")
+    record = read_json(path, "head config")
+    if not isinstance(record, dict) or record.get("format") != file_format:
+        raise ValueError(f"{path} is not a {file_format} config (no \"format\": \"{file_format}\")")
+    return record
+
+
+def recorded_weights_digest(directory: str | os.PathLike, file_format: str = FORMAT) -> str | None:
+    """The sha256 of ``head.safetensors`` that the folder's ``config.json`` records (None in folders
+    written before the record existed)."""
+    return _read_record(Path(directory), file_format).get(DIGEST_KEY)
+
+
+def weights_file_digest(directory: str | os.PathLike) -> str:
+    """The sha256 (hex) of the folder's ``head.safetensors`` as it is on disk."""
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"head folder {directory} has no {WEIGHTS_NAME}")
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def check_weights_digest(directory: str | os.PathLike, found: str | None = None, file_format: str = FORMAT) -> None:
+    """Refuse a head folder whose ``head.safetensors`` is not the file its ``config.json`` was written for.
+
+    ``found``: the file's sha256 when the caller has already read it. A folder without the record (written
+    before it existed) is refused too, with the command that stamps it.
+    """
+    directory = Path(directory)
+    recorded = recorded_weights_digest(directory, file_format)
+    found = found or weights_file_digest(directory)
+    if recorded is None:
+        raise ValueError(f"head folder {directory}: {CONFIG_NAME} records no `{DIGEST_KEY}` (written before heads "
+                         f"recorded the digest of their weights), so nothing shows that {WEIGHTS_NAME} (sha256 "
+                         f"{found}) is the file it was written for; if it is, record it with: "
+                         f"{_stamp_command(directory)}")
+    if recorded != found:
+        raise ValueError(f"head folder {directory}: {WEIGHTS_NAME} has sha256 {found}, but {CONFIG_NAME} was written "
+                         f"for weights with sha256 {recorded}: the weights (or the config and its fitted "
+                         f"calibration) come from another head. Copy head folders whole; if these weights do "
+                         f"belong to this config, record them with: {_stamp_command(directory, force=True)}")
+
+
+def _stamp_command(directory: Path, force: bool = False) -> str:
+    call = f"stamp_weights_digest({str(directory)!r}{', force=True' if force else ''})"
+    return f'python -c "from calibrated_sampling.heads import stamp_weights_digest; {call}"'
+
+
+def stamp_weights_digest(directory: str | os.PathLike, force: bool = False) -> str:
+    """Record the sha256 of the folder's ``head.safetensors`` in its ``config.json``; returns the digest.
+
+    For folders written before heads recorded it: the config is rewritten as :meth:`save_pretrained`
+    writes it (sorted, indented), everything else unchanged. Stamping says "these weights belong to this
+    config", so a folder that already records another digest is refused unless ``force=True``.
+    """
+    directory = Path(directory)
+    config = load_config(directory)
+    found, recorded = weights_file_digest(directory), recorded_weights_digest(directory)
+    if recorded not in (None, found) and not force:
+        raise ValueError(f"head folder {directory}: {CONFIG_NAME} records `{DIGEST_KEY}` {recorded}, but "
+                         f"{WEIGHTS_NAME} has sha256 {found}; pass force=True only if these weights belong to "
+                         f"this config")
+    if recorded != found:
+        write_config(directory, config, found)
+    return found
+
+
+def load_config(directory: str | os.PathLike, config_class=HeadConfig, file_format: str = FORMAT):
+    """The :class:`HeadConfig` of a head folder, with clear errors for missing or corrupt files
+    (``config_class`` / ``file_format``: another folder kind stored the same way, as in :func:`write_config`)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    record = _read_record(directory, file_format)
+    del record["format"]
+    record.pop(DIGEST_KEY, None)  # checked against the weights by check_weights_digest
     version = record.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has head format version {version!r}; this library reads version {FORMAT_VERSION}")
     try:
-        return HeadConfig.from_dict(record)
+        return config_class.from_dict(record)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path} is not a valid head config: {error}") from None
 
@@ -341,5 +452,5 @@ def write_card(directory: str | os.PathLike, text: str) -> Path:
     """Write the head folder's short human-readable description, ``card.md``."""
     path = Path(directory) / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, text.rstrip() + "\n")
+    write_atomic(path, text.rstrip() + "\n")
     return path

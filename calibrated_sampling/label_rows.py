@@ -5,7 +5,7 @@ prompt a row came from), never by row: the candidates of one context, and the st
 share almost everything, so a row split would leak the answer into validation. Returns rows can swap
 their Monte Carlo target for a bootstrapped one (n-step / TD(lambda), see
 :func:`labels.bootstrapped_targets`), with the value after n steps taken from the baseline or from an
-earlier head: the remedy DESIGN.md section 2 gives for full-horizon returns whose spread is tens of nats.
+earlier head: the remedy docs/design.md (*Labels*) gives for full-horizon returns whose spread is tens of nats.
 """
 
 from __future__ import annotations

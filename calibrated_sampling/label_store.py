@@ -29,7 +29,9 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .data import Window
+from .data import Window, batch_windows, left_padded_positions
+from .files import write_atomic
+from .models import model_fingerprint, weights_digest
 
 FORMAT = "calibrated-sampling-labels"
 FORMAT_VERSION = 2  # 2: hidden states moved out of the shards into a rebuildable cache
@@ -46,15 +48,6 @@ class CorruptShardError(ValueError):
 
 class MissingHiddenError(FileNotFoundError):
     """A shard's hidden-state cache is missing or invalid, and no model was given to rebuild it."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -134,23 +127,9 @@ def read_hidden(directory: Path, entry: dict) -> tuple[torch.Tensor | None, str]
     return hidden, ""
 
 
-def weights_digest(model: PreTrainedModel) -> str:
-    """A short hash of the model's parameters (names, shapes and ~1k strided values of each): two
-    models with the same config but other weights (another checkpoint, another dtype) differ."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().contiguous()
-        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def check_labels_match(manifest: dict, model: PreTrainedModel) -> None:
     """Refuse labels made with another LM (other sizes, name or weights): their hidden states and
     entropies would be meaningless to a head for ``model``."""
-    from .models import model_fingerprint
-
     recorded = manifest["settings"].get("model", {})
     found = {**model_fingerprint(model), "weights": weights_digest(model)}
     differences = [f"`{k}`: labels {recorded.get(k)!r}, model {v!r}" for k, v in found.items()
@@ -177,8 +156,6 @@ def rebuild_hidden(model: PreTrainedModel, shard: dict[str, torch.Tensor], first
     state is the decoder output at the last of those positions, the input of the output embedding that
     predicted token t (as ``generate()`` saw it during labelling, up to float rounding).
     """
-    from .measure import batch_windows
-
     ids = shard[WINDOWS + "ids"]
     window = shard["context_id"] // steps - first_window  # (N,) index into this shard's windows
     step = shard["context_id"] % steps
@@ -189,8 +166,7 @@ def rebuild_hidden(model: PreTrainedModel, shard: dict[str, torch.Tensor], first
         padded, mask = batch_windows([Window(tuple(r[:-steps]), tuple(r[-steps:]), "", "") for r in chunk],
                                      pad_token_id, with_continuation=True)
         padded, mask = padded.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        states = decoder(input_ids=padded, attention_mask=mask, position_ids=positions,
+        states = decoder(input_ids=padded, attention_mask=mask, position_ids=left_padded_positions(mask),
                          use_cache=False).last_hidden_state.float().cpu()  # (B, L, H)
         mine = ((window >= lo) & (window < lo + len(chunk))).nonzero().squeeze(-1)
         start = padded.shape[1] - steps  # index of the first continuation token

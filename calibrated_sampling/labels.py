@@ -2,7 +2,7 @@
 
 A label row pairs a context x and a token v with a target: the summed full-distribution entropies of
 q (the base model, or the model plus a ``LogitsProcessorList``) over the ``horizon`` steps after v.
-Three kinds (DESIGN.md section 2):
+Three kinds (docs/design.md, *Labels*):
 
 - ``returns``: sample T tokens from q after each prompt; every step t of every sample is a row for the
   token q chose, with target sum_{t < s <= t + horizon} H_s along the same sample. Labelling rides on
@@ -81,29 +81,25 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
-from .data import Window, split_of, windows_digest
-from .label_store import (  # noqa: F401  (re-exported: the storage API predates its own module)
+from .data import Window, batch_windows, cut_windows, left_padded_positions, split_of, windows_digest
+from .files import write_atomic
+from .label_store import (
     FORMAT,
     FORMAT_VERSION,
     HIDDEN_DTYPES,
     MANIFEST,
     SHARD_NAME,
     WINDOWS,
-    CorruptShardError,
-    MissingHiddenError,
-    iter_shards,
-    load_labels,
     load_shard,
     read_manifest,
-    weights_digest,
     window_ids,
-    write_atomic,
     write_hidden,
     write_manifest,
 )
-from .measure import batch_windows, generate_with_entropy
+from .measure import generate_with_entropy
 from .metrics import entropy
-from .models import model_fingerprint, tokenizer_fingerprint
+from .models import eos_token_ids, model_fingerprint, pad_token_id, tokenizer_fingerprint, weights_digest
+from .samplers import processors_key
 
 KINDS = ("returns", "rollout", "teacher-forced")
 
@@ -174,10 +170,9 @@ def rollout_steps(seed: int, max_new_tokens: int, positions: int) -> list[int]:
     return [lo + int(torch.randint(hi - lo, (1,), generator=generator)) for lo, hi in zip(edges, edges[1:])]
 
 
-def _eos_ids(model: PreTrainedModel) -> torch.Tensor:
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return torch.tensor(eos or [-1], device=model.device)
+def _eos_tensor(model: PreTrainedModel) -> torch.Tensor:
+    """The model's EOS ids on its device, for ``torch.isin`` (``[-1]``, which no token matches, when it has none)."""
+    return torch.tensor(eos_token_ids(model) or [-1], device=model.device)
 
 
 def next_scores(model: PreTrainedModel, hidden: torch.Tensor, input_ids: torch.Tensor,
@@ -202,14 +197,6 @@ def _later_sums(ent: torch.Tensor, horizon: int | None) -> tuple[torch.Tensor, t
     t = torch.arange(steps)
     last = (t + 1 + (steps if horizon is None else horizon)).clamp(max=steps)  # one past the last summed step
     return cumulative[:, last] - cumulative[:, t + 1], (last - t - 1).expand(ent.shape[0], steps)
-
-
-def _cut(windows: Sequence[Window], steps: int) -> list[Window]:
-    short = [i for i, w in enumerate(windows) if len(w.continuation_ids) < steps]
-    if short:
-        raise ValueError(f"max_new_tokens is {steps}, but window {short[0]} has only "
-                         f"{len(windows[short[0]].continuation_ids)} human continuation tokens")
-    return [dataclasses.replace(w, continuation_ids=tuple(w.continuation_ids[:steps])) for w in windows]
 
 
 def _sequence_rows(hidden: torch.Tensor, tokens: torch.Tensor, ent: torch.Tensor, running: torch.Tensor,
@@ -263,11 +250,10 @@ def teacher_forced_labels(model: PreTrainedModel, windows: Sequence[Window], *, 
                           pad_token_id: int, horizon: int | None = None,
                           logits_processor: LogitsProcessorList | None = None) -> dict:
     """Entropies of q along the human continuations (one forward pass); a row per human token."""
-    windows = _cut(windows, max_new_tokens)
+    windows = cut_windows(windows, max_new_tokens)
     ids, mask = batch_windows(windows, pad_token_id, with_continuation=True)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only, as generate() does
-    states = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+    states = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                                  use_cache=False).last_hidden_state  # (B, L, H)
     start = ids.shape[1] - max_new_tokens  # index of the first continuation token
     ent = torch.stack([entropy(next_scores(model, states[:, start + t - 1:start + t], ids[:, :start + t],
@@ -332,14 +318,14 @@ def rollout_labels(model: PreTrainedModel, windows: Sequence[Window], *, max_new
     ``candidates`` other tokens of q. Each candidate gets ``rollouts`` continuations of ``horizon``
     steps (None: T - 1 - j), with the Gumbel noise of prefix (window, j) shared by all its candidates.
     """
-    windows = _cut(windows, max_new_tokens)
+    windows = cut_windows(windows, max_new_tokens)
     vocab = model.get_output_embeddings().out_features
     if candidates + 1 > vocab:
         raise ValueError(f"`candidates` + 1 must be at most the vocabulary size {vocab}, but is {candidates + 1}")
     ids, mask = batch_windows(windows, pad_token_id, with_continuation=True)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    start, eos = ids.shape[1] - max_new_tokens, _eos_ids(model)
+    position_ids = left_padded_positions(mask)
+    start, eos = ids.shape[1] - max_new_tokens, _eos_tensor(model)
     steps = rollout_steps(derive_seed(seed, "positions"), max_new_tokens, positions)
     cache, done, parts = DynamicCache(config=model.config), 0, []
     for j in steps:  # ascending: the prefill of window tokens up to j extends the previous one
@@ -450,31 +436,16 @@ def bootstrapped_targets(labels: dict[str, torch.Tensor],
         w = weight(k)
         active = (w > 0).nonzero().squeeze(-1)
         s, t, kk = sample[active], step[active], torch.minimum(run[active], torch.tensor(k))
-        g = cumulative[s, t + 1 + kk] - cumulative[s, t + 1]
+        k_step_return = cumulative[s, t + 1 + kk] - cumulative[s, t + 1]  # G(k) before its bootstrap
         boot = (k < run[active]).nonzero().squeeze(-1)
         key = row_of[s[boot], t[boot] + k] * (total_steps + 1) + horizon[active][boot] - k
-        g[boot] += values[torch.searchsorted(keys, key)]
-        target[active] += w[active] * g
+        k_step_return[boot] += values[torch.searchsorted(keys, key)]
+        target[active] += w[active] * k_step_return
     return target.float()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Storage
-
-
-def describe_processors(logits_processor: LogitsProcessorList | None) -> str:
-    """A readable, stable description of q: ``base`` or the processors with their scalar settings."""
-    if not logits_processor:
-        return "base"
-    parts = []
-    for processor in logits_processor:
-        spec = getattr(processor, "spec", None)
-        if isinstance(spec, str):
-            parts.append(spec)
-            continue
-        scalars = {k: v for k, v in sorted(vars(processor).items()) if isinstance(v, (bool, int, float, str))}
-        parts.append(f"{type(processor).__name__}({', '.join(f'{k}={v!r}' for k, v in scalars.items())})")
-    return " + ".join(parts)
 
 
 def _open_folder(directory: Path, record: dict, batches: int) -> dict:
@@ -517,6 +488,54 @@ def _warn_eval_windows(windows: Sequence[Window]) -> None:
     if held_out:
         warnings.warn(f"{held_out} of {len(windows)} windows come from the 'eval' side of the split; labels "
                       "for training a head should use make_windows(..., split='fit')", stacklevel=3)
+
+
+def _windows_sha256(windows: Sequence[Window], settings: LabelSettings) -> str:
+    """The digest of what the labels read of the windows: the prompts and their first T human tokens
+    (rollout, teacher-forced; too short a continuation is an error here, before any work), or the
+    prompts alone (returns, which sample their own continuations)."""
+    if settings.kind == "returns":
+        return windows_digest([dataclasses.replace(w, continuation_ids=()) for w in windows])
+    return windows_digest(cut_windows(windows, settings.max_new_tokens))
+
+
+def _run_rows(rows: dict[str, torch.Tensor], batch: Sequence[Window], index: int, settings: LabelSettings,
+              pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch's rows as stored in its shard: ids counted over the whole run (window * T + step, not
+    within the batch), plus the token ids of the sequences they lie on (``windows.ids``)."""
+    steps, first_window = settings.max_new_tokens, index * settings.batch_size
+    if settings.kind == "returns":  # the sampled continuations, read back from the rows (pad after EOS)
+        continuations = torch.full((len(batch), steps), pad_id, dtype=torch.long)
+        continuations[rows["sample_id"], rows["step"]] = rows["token"]
+    else:
+        continuations = torch.tensor([w.continuation_ids[:steps] for w in batch], dtype=torch.long)
+    rows[WINDOWS + "ids"] = window_ids([w.prompt_ids for w in batch], continuations)
+    rows["context_id"] = rows["context_id"] + first_window * steps
+    for key in ("sample_id", "samples.id"):
+        if key in rows:
+            rows[key] = rows[key] + first_window
+    return rows
+
+
+def _write_shard(directory: Path, manifest: dict, settings: LabelSettings, index: int, rows: dict[str, torch.Tensor],
+                 hidden: torch.Tensor) -> None:
+    """Write shard ``index`` and its hidden-state cache, then record the shard in the manifest (rewritten)."""
+    data = save_safetensors({k: v.contiguous() for k, v in rows.items()},
+                            metadata={"labels": f"{settings.kind} batch {index}"})  # one key: multi-key order varies
+    name = SHARD_NAME.format(index)
+    digest = hashlib.sha256(data).hexdigest()
+    write_hidden(directory, index, hidden, digest)  # the cache first: a shard is never without one here
+    write_atomic(directory / name, data)
+    first_window = index * settings.batch_size
+    manifest["shards"].append({
+        "file": name, "sha256": digest, "batch": index,
+        "windows": [first_window, first_window + len(rows[WINDOWS + "ids"])], "rows": len(rows["token"]),
+        "contexts": int(rows["context_id"].unique().numel()), "samples": len(rows.get("samples.id", ())),
+    })
+    manifest["shards"].sort(key=lambda entry: entry["batch"])
+    manifest["counts"] = {key: sum(entry[key] for entry in manifest["shards"]) for key in ("rows", "contexts", "samples")}
+    manifest["complete"] = len(manifest["shards"]) == manifest["batches"]
+    write_manifest(directory, manifest)
 
 
 def make_labels(
@@ -572,61 +591,33 @@ def make_labels(
     settings = LabelSettings(kind=kind, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                              horizon=horizon, candidates=candidates, rollouts=rollouts, positions=positions,
                              stop_at_eos=stop_at_eos, hidden_dtype=hidden_dtype)
-    if kind != "returns":
-        _cut(windows, max_new_tokens)  # fail before any work when the human text is too short
+    # 1. Check what can be checked before any work: the human text is long enough, the split, the pad id.
+    windows_sha256 = _windows_sha256(windows, settings)
     _warn_eval_windows(windows)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set `tokenizer.pad_token`")
+    pad_id = pad_token_id(tokenizer)
+    # 2. A new folder, or the resumed one after checking that its labels were made the same way.
     record = {
         **dataclasses.asdict(settings),
-        "q": describe_processors(logits_processor),
+        "q": processors_key(logits_processor),  # the sampler's key (samplers.py)
         "model": {**model_fingerprint(model), "weights": weights_digest(model)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "windows": len(windows),
-        "windows_sha256": windows_digest(_cut(windows, max_new_tokens) if kind != "returns" else
-                                         [dataclasses.replace(w, continuation_ids=()) for w in windows]),
+        "windows_sha256": windows_sha256,
         "data_spec": data_spec,
     }
     directory = Path(out_dir)
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     manifest = _open_folder(directory, record, len(batches))
+    # 3. Label every batch that has no shard yet; each shard is written, then recorded in the manifest.
     done = {entry["batch"] for entry in manifest["shards"]}
     bar = tqdm(total=len(windows), initial=sum(len(batches[i]) for i in done), unit="window",
                desc=f"labels ({kind})", disable=not progress)
-    storage = HIDDEN_DTYPES[hidden_dtype]
     for index in (i for i in range(len(batches)) if i not in done):
-        first_window = index * batch_size
-        batch = batches[index]
-        rows = _label_batch(model, batch, settings, derive_seed(seed, index), logits_processor, pad_token_id)
-        hidden = rows.pop("hidden").to(storage)
-        if kind == "returns":  # the sampled continuations, read back from the rows (pad after EOS)
-            continuations = torch.full((len(batch), max_new_tokens), pad_token_id, dtype=torch.long)
-            continuations[rows["sample_id"], rows["step"]] = rows["token"]
-        else:
-            continuations = torch.tensor([w.continuation_ids[:max_new_tokens] for w in batch], dtype=torch.long)
-        rows[WINDOWS + "ids"] = window_ids([w.prompt_ids for w in batch], continuations)
-        rows["context_id"] = rows["context_id"] + first_window * max_new_tokens  # window * T + step
-        for key in ("sample_id", "samples.id"):
-            if key in rows:
-                rows[key] = rows[key] + first_window
-        data = save_safetensors({k: v.contiguous() for k, v in rows.items()},
-                                metadata={"labels": f"{kind} batch {index}"})  # one key: multi-key order varies
-        name = SHARD_NAME.format(index)
-        digest = hashlib.sha256(data).hexdigest()
-        write_hidden(directory, index, hidden, digest)  # the cache first: a shard is never without one here
-        write_atomic(directory / name, data)
-        manifest["shards"].append({
-            "file": name, "sha256": digest, "batch": index,
-            "windows": [first_window, first_window + len(batch)], "rows": len(rows["token"]),
-            "contexts": int(rows["context_id"].unique().numel()), "samples": len(rows.get("samples.id", ())),
-        })
-        manifest["shards"].sort(key=lambda entry: entry["batch"])
-        manifest["counts"] = {key: sum(entry[key] for entry in manifest["shards"])
-                              for key in ("rows", "contexts", "samples")}
-        manifest["complete"] = len(manifest["shards"]) == len(batches)
-        write_manifest(directory, manifest)
-        bar.update(len(batch))
+        rows = _label_batch(model, batches[index], settings, derive_seed(seed, index), logits_processor, pad_id)
+        hidden = rows.pop("hidden").to(HIDDEN_DTYPES[hidden_dtype])
+        rows = _run_rows(rows, batches[index], index, settings, pad_id)
+        _write_shard(directory, manifest, settings, index, rows, hidden)
+        bar.update(len(batches[index]))
         bar.set_postfix(rows=manifest["counts"]["rows"])
     bar.close()
     return manifest

@@ -10,8 +10,12 @@ The candidates attend to the context through a KV cache that this module keeps i
 token per step), and to themselves only, through a 4D attention mask, so the C candidates of a
 row cost one batched forward pass and no copy of the cache.
 
+The same pass also yields the hidden state after each candidate, h(x, v) (``candidate_pass``), and can
+leave the candidates in the cache for a pass further ahead: lookahead_value.py builds on both.
+
 Spec: ``lookahead:alpha=X[:top=C]``; ``lookahead:fit[:top=C]`` is resolved by
-:func:`fit_lookahead_alpha` (``compare`` does it on the fit split), since a fit needs data.
+:func:`.lookahead_fit.fit_lookahead_alpha` (``compare`` does it on the fit split), since a fit needs
+data; fitting lives in the training layer, above the measurement pass it drives.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .data import Window
+from .data import left_padded_positions
 from .metrics import entropy
-from .samplers import Sampler
+from .samplers import ModelRequired, Sampler, format_number, parse_number, register_sampler_kind
 
 DEFAULT_TOP = 16
 
@@ -67,8 +72,8 @@ class LookaheadEntropy:
                 self.ids = input_ids
                 return
         self.cache = DynamicCache(config=self.model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens, as generate() does
-        self._forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        self._forward(input_ids=input_ids, attention_mask=mask, position_ids=left_padded_positions(mask),
+                      logits_to_keep=1)
         self.ids = input_ids
 
     @torch.no_grad()
@@ -76,6 +81,16 @@ class LookaheadEntropy:
                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, L), logits (B, V) of q's input after them, 2D mask (B, L) (default: no padding)
         -> candidates (B, C) (the top C of ``logits``) and H(p(. | x, v)) for each, (B, C) float32."""
+        candidates, after, _ = self.candidate_pass(input_ids, logits, mask)
+        return candidates, entropy(after).to(logits.device)
+
+    @torch.no_grad()
+    def candidate_pass(self, input_ids: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None,
+                       keep: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pass behind :meth:`__call__`: candidates (B, C) on ``logits``' device, and on the model's
+        device the LM's logits after each candidate (B, C, V) and the input of its output embedding there,
+        h(x, v) (B, C, H). ``keep``: leave the candidates in the cache (after the context) for a pass that
+        looks further ahead; the caller crops them (``self.cache.crop(-C)``)."""
         batch, length = input_ids.shape
         device = self.model.device
         input_ids = input_ids.to(device)
@@ -90,9 +105,15 @@ class LookaheadEntropy:
         mask4 = torch.zeros(batch, 1, top, length + top, dtype=dtype, device=device)
         mask4.masked_fill_(~visible[:, None], torch.finfo(dtype).min)  # (B, 1, C, L + C) additive
         position = mask.sum(-1, keepdim=True).expand(batch, top)  # every candidate sits at the next position
-        out = self._forward(input_ids=candidates, attention_mask=mask4, position_ids=position)
-        self.cache.crop(-top)  # drop the candidates again: the cache holds the context only
-        return candidates.to(logits.device), entropy(out.logits).to(logits.device)
+        hidden: list[torch.Tensor] = []  # the model's outputs carry no final hidden state: hook the output embedding
+        handle = self.model.get_output_embeddings().register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+        try:
+            out = self._forward(input_ids=candidates, attention_mask=mask4, position_ids=position)
+        finally:
+            handle.remove()
+        if not keep:
+            self.cache.crop(-top)  # drop the candidates again: the cache holds the context only
+        return candidates.to(logits.device), out.logits, hidden[-1]
 
 
 def lookahead_logits(logp: torch.Tensor, candidates: torch.Tensor, next_entropy: torch.Tensor,
@@ -125,6 +146,10 @@ class LookaheadProcessor(LogitsProcessor):
         self.mask: torch.Tensor | None = None  # the latest 2D padding mask seen by the model (set by the sampler)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        size = self.lookahead.model.get_output_embeddings().weight.shape[0]
+        if scores.shape[-1] != size:  # candidates of another vocabulary would index the wrong tokens
+            raise ValueError(f"`scores` has {scores.shape[-1]} columns, but the lookahead's model has a vocabulary "
+                             f"of {size} tokens: the scores come from another model or vocabulary")
         logp = torch.log_softmax(scores.float(), dim=-1)
         candidates, next_entropy = self.lookahead(input_ids, logp, self.mask)
         return lookahead_logits(logp, candidates, next_entropy, self.alpha)
@@ -132,6 +157,8 @@ class LookaheadProcessor(LogitsProcessor):
 
 class LookaheadSampler(Sampler):
     """A :class:`Sampler` whose ``attach`` watches the decoder's 2D attention mask (left padding)."""
+
+    hooks_model: ClassVar[bool] = True
 
     @contextlib.contextmanager
     def attach(self, model: PreTrainedModel) -> Iterator[LookaheadSampler]:
@@ -172,116 +199,29 @@ def parse_lookahead(spec: str) -> dict:
         if name == "fit" and not sep:
             options["alpha"] = "fit"
         elif name in ("alpha", "top") and sep:
-            try:
-                options[name] = float(raw) if name == "alpha" else int(raw)
-            except ValueError:
-                raise ValueError(f"sampler spec {spec!r}: `{name}` needs a number, but is {raw!r}") from None
+            options[name] = parse_number(spec, name, raw, float if name == "alpha" else int)
         else:
             raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; use lookahead:alpha=X[:top=C] "
                              "or lookahead:fit[:top=C]")
     if options["alpha"] is None:
         raise ValueError(f"sampler spec {spec!r} sets no alpha: use lookahead:alpha=X[:top=C] or lookahead:fit")
+    if options["top"] < 1:
+        raise ValueError(f"sampler spec {spec!r}: `top` must be a positive integer, but is {options['top']!r}")
     return options
 
 
 def lookahead_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
-    """Build the sampler of a ``lookahead:alpha=X[:top=C]`` spec (registered in ``SAMPLER_KINDS``)."""
+    """Build the sampler of a ``lookahead:alpha=X[:top=C]`` spec; its key spells out both
+    (``lookahead:alpha=0.1:top=16``)."""
     options = parse_lookahead(spec)
     if options["alpha"] == "fit":
         raise ValueError(f"sampler spec {spec!r}: alpha=fit needs data; `calibrated-sampling compare` fits it "
-                         "(or call calibrated_sampling.lookahead.fit_lookahead_alpha and use lookahead:alpha=X)")
+                         "(or call calibrated_sampling.fit_lookahead_alpha and use lookahead:alpha=X)")
     if model is None:
-        raise ValueError(f"sampler spec {spec!r} needs the model (parse_sampler(spec, model))")
+        raise ModelRequired(spec)
     processor = LookaheadProcessor(model, options["alpha"], options["top"])
-    return LookaheadSampler(spec, LogitsProcessorList([processor]), truncating=False)
+    processor.key = f"lookahead:alpha={format_number(options['alpha'])}:top={options['top']}"
+    return LookaheadSampler(spec, LogitsProcessorList([processor]), truncating=False, key=processor.key)
 
 
-# --- fitting alpha: minimise human log loss, a 1-D convex problem ----------------------------------
-
-class _Recorder(LookaheadSampler):
-    """alpha = 0 (q = p) while recording, per teacher-forced step, log p and H of the candidates."""
-
-    def __init__(self, model: PreTrainedModel, top: int):
-        super().__init__("lookahead:alpha=0", LogitsProcessorList([LookaheadProcessor(model, 0.0, top)]))
-        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def teacher_forced_logits(self, input_ids, base_logits, hidden, step):
-        processor: LookaheadProcessor = self.processors[0]
-        logp = torch.log_softmax(base_logits.float(), dim=-1)
-        candidates, next_entropy = processor.lookahead(input_ids, logp, processor.mask)
-        self.steps.append((logp, candidates, next_entropy))
-        return logp
-
-
-def lookahead_loss_terms(model: PreTrainedModel, tokenizer, windows: list[Window], top: int = DEFAULT_TOP,
-                         batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Everything the human log loss of q_alpha depends on, for every continuation token of ``windows``:
-    log p of the C candidates (N, C), their next-step entropies (N, C), the human token's index among
-    them (N,) (-1 when outside the top C) and log p of the human token (N,)."""
-    from .measure import teacher_forced
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    parts: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": [], "index": [], "logp_human": []}
-    recorder = _Recorder(model, top)
-    with recorder.attach(model):
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size]
-            recorder.steps.clear()
-            teacher_forced(model, recorder, batch, pad_id)
-            for t, (logp, candidates, next_entropy) in enumerate(recorder.steps):
-                human = torch.tensor([w.continuation_ids[t] for w in batch], device=logp.device)
-                hit = candidates == human[:, None]  # (B, C)
-                parts["logp"].append(logp.gather(-1, candidates).cpu())
-                parts["entropy"].append(next_entropy.cpu())
-                parts["index"].append(torch.where(hit.any(-1), hit.float().argmax(-1), -1).cpu())
-                parts["logp_human"].append(logp.gather(-1, human[:, None]).squeeze(-1).cpu())
-    return {k: torch.cat(v).double() if k != "index" else torch.cat(v) for k, v in parts.items()}
-
-
-def lookahead_log_loss(terms: dict[str, torch.Tensor], alpha: float) -> tuple[float, float, float]:
-    """(mean human log loss of q_alpha, its first and second derivative in alpha), from the cached terms."""
-    inside = terms["index"] >= 0
-    logp, ent = terms["logp"][inside], terms["entropy"][inside]
-    adjusted = logp - alpha * ent
-    weights = torch.softmax(adjusted, dim=-1)  # q_alpha restricted to the candidates
-    mean_h = (weights * ent).sum(-1)
-    var_h = (weights * (ent - mean_h[:, None]) ** 2).sum(-1)
-    index = terms["index"][inside][:, None]
-    log_q = adjusted.gather(-1, index).squeeze(-1) - adjusted.logsumexp(-1) + logp.logsumexp(-1)
-    loss = -terms["logp_human"].clone()
-    loss[inside] = -log_q
-    n = len(loss)
-    gradient = (ent.gather(-1, index).squeeze(-1) - mean_h).sum().item() / n
-    return loss.mean().item(), gradient, var_h.sum().item() / n
-
-
-def fit_alpha(terms: dict[str, torch.Tensor], tol: float = 1e-7, max_iterations: int = 60) -> dict:
-    """The alpha minimising human log loss: Newton steps on the (increasing) derivative, kept inside a
-    bracket that bisection shrinks, so a flat or wild Newton step cannot leave it."""
-    lo, hi = -1.0, 1.0
-    while lookahead_log_loss(terms, lo)[1] > 0 and lo > -1e3:
-        lo *= 2
-    while lookahead_log_loss(terms, hi)[1] < 0 and hi < 1e3:
-        hi *= 2
-    alpha, iterations = 0.0 if lo < 0 < hi else (lo + hi) / 2, 0
-    for iterations in range(1, max_iterations + 1):  # noqa: B007 (reported)
-        _, gradient, curvature = lookahead_log_loss(terms, alpha)
-        if abs(gradient) < tol:
-            break
-        if gradient > 0:
-            hi = alpha
-        else:
-            lo = alpha
-        step = alpha - gradient / curvature if curvature > 0 else math.nan
-        alpha = step if lo < step < hi else (lo + hi) / 2
-    return {"alpha": alpha, "log_loss": lookahead_log_loss(terms, alpha)[0],
-            "log_loss_alpha0": lookahead_log_loss(terms, 0.0)[0], "iterations": iterations,
-            "tokens": len(terms["index"]), "in_top_fraction": (terms["index"] >= 0).float().mean().item()}
-
-
-def fit_lookahead_alpha(model: PreTrainedModel, tokenizer, windows: list[Window], top: int = DEFAULT_TOP,
-                        batch_size: int = 8) -> dict:
-    """Fit alpha on ``windows`` (use the fit split): returns {"alpha", "log_loss", "log_loss_alpha0", ...}."""
-    result = fit_alpha(lookahead_loss_terms(model, tokenizer, windows, top, batch_size))
-    result["top"] = top
-    return result
+register_sampler_kind("lookahead", lookahead_sampler)

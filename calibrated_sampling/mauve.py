@@ -1,17 +1,26 @@
-"""MAUVE (Pillutla et al. 2021) between generations and human text, in torch, with features from the LM itself.
+"""MAUVE (Pillutla et al. 2021) between generations and human text, with features from the LM itself.
 
-Features: the mean over a text's tokens of the LM's final hidden state (the input of the output
-embedding), so nothing is downloaded. Both sets are L2-normalised, projected by PCA onto the
-components that explain 90% of the variance, quantised together by k-means into about n / 10
-clusters; P and Q are the two cluster histograms. The divergence frontier is
+Features (:func:`text_features`): the mean over a text's tokens of the LM's final hidden state (the
+input of the output embedding), so nothing is downloaded. The score (:func:`compute_mauve`) is the
+maintained ``mauve-text`` package's, given those features: both sets L2-normalised, projected by PCA
+onto the components that explain 90% of the variance, quantised together by k-means (faiss) into
+about n / 10 clusters; P and Q are the two cluster histograms. The divergence frontier is
 (exp(-c KL(Q || R_l)), exp(-c KL(P || R_l))) for the mixtures R_l = l P + (1 - l) Q, and MAUVE is the
 area under it (c = 5): 1 for identical distributions, near 0 for disjoint ones.
+
+``mauve-text`` (GPLv3, with faiss-cpu and scikit-learn) is the optional extra ``mauve``:
+``pip install 'calibrated-sampling[mauve]'``; without it :func:`compute_mauve` raises
+ModuleNotFoundError saying so, and :func:`mauve_available` tells callers beforehand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -44,77 +53,91 @@ def text_features(model: PreTrainedModel, sequences: Sequence[Sequence[int]], ba
     return out
 
 
-def _pca(x: torch.Tensor, explained: float) -> torch.Tensor:
-    """Project the rows of ``x`` (N, D) onto the leading principal components explaining ``explained``."""
-    centred = x - x.mean(0)
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    variance = singular ** 2
-    if variance.sum() <= 0:
-        return centred[:, :1] * 0
-    keep = int((variance.cumsum(0) / variance.sum() < explained).sum().item()) + 1
-    return centred @ vh[:keep].T
-
-
-def kmeans(x: torch.Tensor, clusters: int, seed: int = 0, restarts: int = 5, iterations: int = 300) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding, best of ``restarts`` by inertia: cluster index per row (N,)."""
-    generator = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, math.inf
-    for _ in range(restarts):
-        centres = x[torch.randint(len(x), (1,), generator=generator)]
-        while len(centres) < clusters:  # k-means++: next centre drawn with probability ∝ squared distance
-            d2 = torch.cdist(x, centres).min(1).values ** 2
-            pick = torch.multinomial(d2 / d2.sum(), 1, generator=generator) if d2.sum() > 0 else \
-                torch.randint(len(x), (1,), generator=generator)
-            centres = torch.cat([centres, x[pick]])
-        labels = None
-        for _ in range(iterations):
-            new = torch.cdist(x, centres).argmin(1)
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            for k in range(clusters):
-                members = x[labels == k]
-                if len(members):
-                    centres[k] = members.mean(0)
-        inertia = ((x - centres[labels]) ** 2).sum().item()
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
-
-
-def divergence_frontier(p: torch.Tensor, q: torch.Tensor, scale: float = SCALE,
-                        num_mixtures: int = 25) -> torch.Tensor:
-    """Points (exp(-c KL(Q || R)), exp(-c KL(P || R))) for R = l P + (1 - l) Q, l from 1 to 0: (num_mixtures, 2)."""
-    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(a > 0, a * (a / b).log(), torch.zeros_like(a)).sum(-1)
-
-    mix = torch.linspace(1 - 1e-6, 1e-6, num_mixtures, dtype=torch.float64)[:, None]
-    r = mix * p + (1 - mix) * q  # (M, K)
-    return torch.stack([torch.exp(-scale * kl(q, r)), torch.exp(-scale * kl(p, r))], dim=-1)
-
-
 def compute_mauve(p_features: torch.Tensor, q_features: torch.Tensor, num_clusters: int | None = None,
-          scale: float = SCALE, seed: int = 0, explained_variance: float = 0.9) -> dict:
-    """MAUVE between two feature sets (rows are texts). Returns {"mauve", "num_clusters", "frontier"}.
+                  scale: float = SCALE, seed: int = 0, explained_variance: float = 0.9) -> dict:
+    """MAUVE between two feature sets (rows are texts), computed by the ``mauve-text`` package.
 
-    ``num_clusters`` defaults to a tenth of the smaller set (at least 2), as MAUVE's default.
+    Returns {"mauve", "mauve_star", "num_clusters", "frontier"}: the MAUVE score (1 for identical sets,
+    near 0 for disjoint ones), its variant on Krichevsky-Trofimov smoothed histograms (Pillutla et al.,
+    JMLR 2023), the number of k-means clusters and the divergence frontier's points.
+    ``num_clusters`` defaults to a tenth of the smaller set (at least 2), as MAUVE's default, and is at
+    most the number of texts. Needs the ``mauve`` extra (``pip install 'calibrated-sampling[mauve]'``).
+
+    >>> p = torch.randn(200, 16)
+    >>> round(compute_mauve(p, p.clone())["mauve"], 6)
+    1.0
     """
-    p_features, q_features = p_features.double(), q_features.double()
+    mauve_text = _import_mauve_text()
+    p_features, q_features = (torch.as_tensor(x).detach().double().cpu() for x in (p_features, q_features))
     for name, feats in (("p_features", p_features), ("q_features", q_features)):
         if feats.dim() != 2 or len(feats) < 1:
             raise ValueError(f"`{name}` must be a non-empty (N, D) tensor, but has shape {tuple(feats.shape)}")
+        if not feats.isfinite().all():
+            raise ValueError(f"`{name}` must be finite, but has {int((~feats.isfinite()).any(-1).sum())} rows "
+                             "with NaN or infinite entries")
+    if p_features.shape[1] != q_features.shape[1]:
+        raise ValueError(f"`p_features` and `q_features` must have the same width, but have shapes "
+                         f"{tuple(p_features.shape)} and {tuple(q_features.shape)}")
+    if num_clusters is not None and (isinstance(num_clusters, bool) or not isinstance(num_clusters, int)
+                                     or num_clusters < 1):
+        raise ValueError(f"`num_clusters` must be a positive integer or None, but is {num_clusters!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"`scale` must be a finite positive number, but is {scale!r}")
+    if not 0 < explained_variance < 1:
+        raise ValueError(f"`explained_variance` must lie in (0, 1), but is {explained_variance!r}")
     clusters = num_clusters or max(2, round(min(len(p_features), len(q_features)) / 10))
-    if clusters < 1:
-        raise ValueError(f"`num_clusters` must be at least 1, but is {num_clusters!r}")
-    both = torch.cat([p_features, q_features])
-    both = both / both.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    clusters = min(clusters, len(both))
-    labels = kmeans(_pca(both, explained_variance), clusters, seed=seed)
-    p = torch.bincount(labels[:len(p_features)], minlength=clusters).double() / len(p_features)
-    q = torch.bincount(labels[len(p_features):], minlength=clusters).double() / len(q_features)
-    frontier = divergence_frontier(p, q, scale)
-    # Close the curve at (0, 1) and (1, 0); the points run left to right as l goes from 1 to 0.
-    points = torch.cat([torch.tensor([[0.0, 1.0]], dtype=torch.float64), frontier,
-                        torch.tensor([[1.0, 0.0]], dtype=torch.float64)])
-    area = torch.trapezoid(points[:, 1], points[:, 0]).item()
-    return {"mauve": area, "num_clusters": clusters, "frontier": frontier.tolist()}
+    clusters = min(clusters, len(p_features) + len(q_features))  # k-means needs at least one text per cluster
+    with _faiss_size_warning_dropped():
+        out = mauve_text.compute_mauve(
+            p_features=p_features.numpy(), q_features=q_features.numpy(), num_buckets=clusters,
+            kmeans_explained_var=explained_variance, mauve_scaling_factor=scale, seed=seed, verbose=False)
+    return {"mauve": float(out.mauve), "mauve_star": float(out.mauve_star), "num_clusters": int(out.num_buckets),
+            "frontier": out.divergence_curve[1:-1].tolist()}
+
+
+def mauve_available() -> bool:
+    """Whether the ``mauve`` extra (the ``mauve-text`` package and its faiss and scikit-learn) is installed."""
+    try:
+        _import_mauve_text()
+    except ImportError:
+        return False
+    return True
+
+
+def _import_mauve_text():
+    """The ``mauve`` module of the ``mauve-text`` package, or an ImportError that says how to install it."""
+    try:
+        import mauve  # the mauve-text package (absolute import: not this module)
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            f"MAUVE needs the optional `mauve-text` package ({error}); install it with "
+            "pip install 'calibrated-sampling[mauve]'") from error
+    return mauve
+
+
+@contextlib.contextmanager
+def _faiss_size_warning_dropped() -> Iterator[None]:
+    """Drop faiss's "WARNING clustering N points to K centroids" from stderr and pass the rest on.
+
+    MAUVE puts about 10 texts in a cluster by design and faiss asks for 39, so its C++ code prints that
+    line on every call; it goes to file descriptor 2 directly, hence the redirection.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable file descriptor 2: leave stderr alone
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            rest = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("WARNING clustering ")]
+            if rest:
+                sys.stderr.write("".join(rest))

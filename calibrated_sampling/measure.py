@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .data import Window
+from .data import Window, batch_windows, left_padded_positions
 from .metrics import (
     distinct_n,
     entce,
@@ -31,7 +31,8 @@ from .metrics import (
     smooth_log_loss,
     token_log_loss,
 )
-from .samplers import Sampler, parse_sampler
+from .models import eos_token_ids, pad_token_id
+from .samplers import Sampler, resolve_samplers
 
 CHUNK_LOGITS = 2**26  # logits (B x steps x V floats) computed at once by the teacher-forced pass: 256 MB
 
@@ -61,11 +62,6 @@ class GenerationRecord:
     hidden: torch.Tensor | None  # (B, T, H) input of the output embedding that produced step t
 
 
-def _eos_ids(model: PreTrainedModel) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def generate_with_entropy(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -86,7 +82,7 @@ def generate_with_entropy(
     """
     if seed is not None:
         torch.manual_seed(seed)
-    recorder = EntropyRecorder(prompt_ids.shape[1], _eos_ids(model))
+    recorder = EntropyRecorder(prompt_ids.shape[1], eos_token_ids(model))
     hidden: list[torch.Tensor] = []
     handle = None
     if capture_hidden:
@@ -119,18 +115,6 @@ def generate_with_entropy(
     return GenerationRecord(sequences, ent, running, states)
 
 
-def batch_windows(windows: list[Window], pad_id: int, with_continuation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts (optionally followed by their continuations) into (B, L) ids and mask."""
-    rows = [list(w.prompt_ids) + (list(w.continuation_ids) if with_continuation else []) for w in windows]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row)
-        mask[i, length - len(row):] = 1
-    return ids, mask
-
-
 def _prompt_cache(cache, prompt_length: int):
     """Cut a KV cache of prompt + continuation back to the first ``prompt_length - 1`` positions, so that
     generate() runs only the last prompt token; None where the cache type cannot be cut (sliding windows)."""
@@ -153,10 +137,8 @@ def teacher_forced(model: PreTrainedModel, sampler: Sampler, windows: list[Windo
     ids, mask = batch_windows(windows, pad_id, with_continuation=True)
     device = model.device
     ids, mask = ids.to(device), mask.to(device)
-    # Left padding: positions must count real tokens only, as generate() does.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        decoded = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+        decoded = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                                       use_cache=keep_prompt_cache)
         hidden = decoded.last_hidden_state  # (B, L, H): the input of the output embedding
         start = ids.shape[1] - steps  # index of the first continuation token
@@ -167,45 +149,59 @@ def teacher_forced(model: PreTrainedModel, sampler: Sampler, windows: list[Windo
         # V x H matrix once per chunk instead of once per step (on a CPU that read is the step's cost).
         chunk = max(1, CHUNK_LOGITS // (len(windows) * head.out_features))
         for first in range(0, steps, chunk):
-            base_chunk = head(hidden[:, start + first - 1:start + min(first + chunk, steps) - 1]).float()
-            for t in range(first, min(first + chunk, steps)):
-                h = hidden[:, start + t - 1]  # (B, H): the state that predicts continuation token t
-                base = base_chunk[:, t - first]
-                q = sampler.teacher_forced_logits(ids[:, : start + t], base, h, t).float()
-                target = ids[:, start + t].to(base.device)  # the head may sit on another GPU (device_map)
-                log_q = torch.log_softmax(q, dim=-1)  # once: log loss and entropy both read it
-                loss = -log_q.gather(-1, target[:, None]).squeeze(-1)
-                out["log_loss"][:, t] = loss.cpu()
-                out["truncated"][:, t] = torch.isinf(loss).cpu()
-                out["smoothed"][:, t] = smooth_log_loss(loss, token_log_loss(base, target)).cpu()
-                out["entropy"][:, t] = entropy_of_log_probs(log_q).cpu()
+            last = min(first + chunk, steps)
+            base_chunk = head(hidden[:, start + first - 1:start + last - 1]).float()  # (B, n, V)
+            targets = ids[:, start + first:start + last].to(base_chunk.device)  # (B, n); the head may sit elsewhere
+            if sampler.rowwise:  # q depends on each row's logits alone: all n steps in one call
+                batch, n, vocab = base_chunk.shape
+                rows = base_chunk.reshape(batch * n, vocab)
+                q = sampler.processors(ids.new_zeros(batch * n, 1), rows).float().reshape(batch, n, vocab)
+            else:
+                q = torch.stack([sampler.teacher_forced_logits(ids[:, :start + t], base_chunk[:, t - first],
+                                                               hidden[:, start + t - 1], t).float()
+                                 for t in range(first, last)], 1)  # (B, n, V)
+            log_q = torch.log_softmax(q, dim=-1)  # once: log loss and entropy both read it
+            loss = -log_q.gather(-1, targets[..., None]).squeeze(-1)  # (B, n)
+            out["log_loss"][:, first:last] = loss.cpu()
+            out["truncated"][:, first:last] = torch.isinf(loss).cpu()
+            out["smoothed"][:, first:last] = smooth_log_loss(loss, token_log_loss(base_chunk, targets)).cpu()
+            out["entropy"][:, first:last] = entropy_of_log_probs(log_q).cpu()
+            del base_chunk, q, log_q
     if keep_prompt_cache:
         out["cache"] = _prompt_cache(getattr(decoded, "cache", None) or decoded.past_key_values, start)
     return out
 
 
-def _summarise(spec: str, sampler: Sampler, tf: dict, gen: dict, eos_ids: list[int]) -> dict:
-    log_loss, running, gen_ent = tf["log_loss"], gen["running"], gen["entropy"]
+def _rounded(values: torch.Tensor) -> list[float]:
+    """6 significant digits (inf stays inf): per-prompt lists keep results.json and the journal small."""
+    return [float(f"{v:.6g}") for v in values.tolist()]
+
+
+def _summarise(spec: str, sampler: Sampler, forced: dict, gen: dict, eos_ids: list[int]) -> dict:
+    """The summary of one sampler from its teacher-forced (``forced``) and generated (``gen``) tensors."""
+    log_loss, running, gen_ent = forced["log_loss"], gen["running"], gen["entropy"]
     mean_loss = log_loss.double().mean().item()
-    mean_smoothed = tf["smoothed"].double().mean().item()
+    mean_smoothed = forced["smoothed"].double().mean().item()
     mean_gen = (gen_ent.double() * running).sum().item() / max(running.sum().item(), 1)
     finite = math.isfinite(mean_loss)
     # Truncating samplers have infinite log loss; their EntCE uses the (labelled) smoothed value.
     reference = mean_loss if finite else mean_smoothed
-    per_prompt = (gen_ent * running).sum(1) / running.sum(1).clamp(min=1) - (
-        log_loss if finite else tf["smoothed"]).mean(1)
+    # Per prompt (rows in window order): paired differences between samplers on the same prompts and seed.
+    prompt_gen = (gen_ent.double() * running).sum(1) / running.sum(1).clamp(min=1)
+    prompt_loss, prompt_smoothed = log_loss.double().mean(1), forced["smoothed"].double().mean(1)
+    per_prompt = prompt_gen - (prompt_loss if finite else prompt_smoothed)
     texts = []
     for row, run in zip(gen["sequences"].tolist(), running.tolist()):
         texts.append([tok for tok, r in zip(row, run) if r and tok not in eos_ids])
     ll_curve, ll_count = masked_mean_per_step(log_loss, torch.ones_like(running))
-    sm_curve, _ = masked_mean_per_step(tf["smoothed"], torch.ones_like(running))
+    sm_curve, _ = masked_mean_per_step(forced["smoothed"], torch.ones_like(running))
     ent_curve, ent_count = masked_mean_per_step(gen_ent, running)
     return {
         "log_loss": mean_loss,
         "log_loss_smoothed": mean_smoothed,
-        "truncated_fraction": tf["truncated"].float().mean().item(),
+        "truncated_fraction": forced["truncated"].float().mean().item(),
         "truncating": sampler.truncating,
-        "human_entropy": tf["entropy"].double().mean().item(),
+        "human_entropy": forced["entropy"].double().mean().item(),
         "gen_entropy": mean_gen,
         "entce": entce(mean_gen, reference),
         "entce_uses_smoothed": not finite,
@@ -215,6 +211,8 @@ def _summarise(spec: str, sampler: Sampler, tf: dict, gen: dict, eos_ids: list[i
         "seq_rep_4": seq_rep_n(texts, 4),
         "per_step": {"log_loss": ll_curve, "log_loss_smoothed": sm_curve, "gen_entropy": ent_curve,
                      "count": ent_count, "log_loss_count": ll_count},
+        "per_prompt": {"log_loss": _rounded(prompt_loss), "log_loss_smoothed": _rounded(prompt_smoothed),
+                       "gen_entropy": _rounded(prompt_gen), "entce": _rounded(per_prompt)},
         "samples": texts,
     }
 
@@ -227,7 +225,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def _gather_batches(parts: list[tuple[int, dict, dict]], world: int) -> list[tuple[int, dict, dict]]:
-    """Every process's (batch index, tf part, gen part) triples, on every process, in batch order.
+    """Every process's (batch index, teacher-forced part, generated part) triples, on every process, in batch order.
 
     The parts are CPU tensors; ``all_gather_object`` pickles them (gloo on CPU, nccl on GPU).
     """
@@ -263,9 +261,9 @@ def measure(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but is {batch_size!r}")
     steps = len(windows[0].continuation_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model)
-    built = [s if isinstance(s, Sampler) else parse_sampler(s, model) for s in samplers]
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = eos_token_ids(model)
+    built = resolve_samplers(samplers, model, steps)  # every spec built and checked before anything runs
     results = {}
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     rank, world = _rank_and_world()
@@ -279,20 +277,20 @@ def measure(
             for index in mine:
                 batch = batches[index]
                 bar.set_postfix_str(sampler.spec)
-                tf = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
+                forced = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
                 ids, mask = batch_windows(batch, pad_id, with_continuation=False)
                 # One seed per batch: a sampler's samples do not depend on which samplers ran before
                 # (nor on which process ran the batch).
                 record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
                                                steps, seed=seed * 100_003 + index, stop_at_eos=stop_at_eos,
-                                               cache=tf["cache"])
-                parts.append((index, {k: v for k, v in tf.items() if k != "cache"},
+                                               cache=forced["cache"])
+                parts.append((index, {k: v for k, v in forced.items() if k != "cache"},
                               {"sequences": record.sequences, "entropy": record.entropy, "running": record.running}))
                 bar.update(len(batch) * steps)
         parts = _gather_batches(parts, world)
-        tf = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        forced = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         gen = {k: torch.cat([p[2][k] for p in parts]) for k in parts[0][2]}
-        results[sampler.spec] = _summarise(sampler.spec, sampler, tf, gen, eos_ids)
+        results[sampler.spec] = _summarise(sampler.spec, sampler, forced, gen, eos_ids)
         results[sampler.spec]["seconds"] = time.perf_counter() - started
     bar.close()
     return results

@@ -110,3 +110,51 @@ def self_bleu(sequences: Sequence[Sequence[int]], max_n: int = 4) -> float:
         brevity = min(0.0, 1.0 - ref_len / len(seq))
         scores.append(math.exp(log_precision + brevity))
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+BIN_STEPS = 64  # steps per bin of the per-step calibration in a comparison's report
+
+
+def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Mean of ``values`` weighted by ``weights``, over entries with weight > 0 that are not NaN (a step
+    no sequence reached); NaN if none. Infinite values stay: a truncating sampler's log loss is inf."""
+    pairs = [(v, w) for v, w in zip(values, weights) if w > 0 and not math.isnan(v)]
+    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else math.nan
+
+
+def per_bin_entce(per_step: dict, smoothed: bool = False, width: int = BIN_STEPS) -> dict:
+    """Per-step calibration from a summary's ``per_step`` curves (measure's results.json).
+
+    Per bin of ``width`` steps (the whole length when shorter): the generation entropy averaged over the
+    sequences still running (weighted by ``count``), the human log loss (``log_loss_smoothed`` with
+    ``smoothed``, as EntCE does for truncating samplers) and their difference, the bin's EntCE. The drift:
+    the change of each from the first to the last ``min(width, T // 2)`` steps (two windows that do not
+    overlap, so that a short generation still shows its drift).
+
+    Returns {"steps", "width", "starts" (first step of each bin, 0-based), "gen_entropy", "log_loss", "entce" (per bin),
+    "max_abs_entce" (NaN-free maximum; NaN if every bin is empty), "gen_change", "log_loss_change", "edge"}.
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"`width` must be a positive integer, but is {width!r}")
+    gen, counts = per_step["gen_entropy"], per_step["count"]
+    loss = per_step["log_loss_smoothed" if smoothed else "log_loss"]
+    loss_counts = per_step.get("log_loss_count") or [1] * len(loss)
+    steps = len(gen)
+    if steps == 0 or len(loss) != steps:
+        raise ValueError(f"`per_step` needs curves of one positive length, but has {steps} generation and "
+                         f"{len(loss)} log-loss steps")
+
+    def means(first: int, last: int) -> tuple[float, float]:
+        return (_weighted_mean(gen[first:last], counts[first:last]),
+                _weighted_mean(loss[first:last], loss_counts[first:last]))
+
+    width = min(width, steps)
+    starts = list(range(0, steps, width))
+    binned = [means(start, start + width) for start in starts]
+    bins = [h - ll for h, ll in binned]
+    finite = [abs(e) for e in bins if not math.isnan(e)]
+    edge = max(1, min(width, steps // 2))
+    (h0, l0), (h1, l1) = means(0, edge), means(steps - edge, steps)
+    return {"steps": steps, "width": width, "starts": starts, "gen_entropy": [h for h, _ in binned],
+            "log_loss": [ll for _, ll in binned], "entce": bins, "max_abs_entce": max(finite) if finite else math.nan,
+            "gen_change": h1 - h0, "log_loss_change": l1 - l0, "edge": edge}

@@ -12,12 +12,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -91,21 +92,16 @@ def _cache_is_valid(folder: Path) -> bool:
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise a GGUF into a safetensors directory, writing the manifest last so that an
     interrupted conversion is never mistaken for a finished one."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised already; save them as plain tensors
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    weights = sorted(p.name for p in tmp.glob("*.safetensors"))
-    record = {"source": str(gguf), "sha256": {name: _sha256(tmp / name) for name in weights}}
-    (tmp / _MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.rename(folder)
+    with atomic_path(folder) as tmp:  # the folder appears whole, replacing an invalid one
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+        record = {"source": str(gguf), "sha256": {name: _sha256(tmp / name) for name in weights}}
+        (tmp / _MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, dict]:
@@ -195,3 +191,31 @@ def model_fingerprint(model: PreTrainedModel) -> dict:
         "hidden_size": model.get_output_embeddings().in_features,
         "vocab_size": model.get_output_embeddings().out_features,
     }
+
+
+def weights_digest(model: PreTrainedModel) -> str:
+    """A short hash of the model's parameters (names, shapes and ~1k strided values of each): two
+    models with the same config but other weights (another checkpoint, another dtype) differ."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().contiguous()
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def eos_token_ids(model: PreTrainedModel) -> list[int]:
+    """The ids that end a generation (``generation_config.eos_token_id``: one id, several, or none)."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills left padding: the tokenizer's pad token, else its EOS token (padded positions
+    are masked out, so which id fills them does not matter; :func:`prepare_tokenizer` makes the same choice)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set `tokenizer.pad_token`")
+    return tokenizer.eos_token_id

@@ -1,8 +1,8 @@
 """The paper's simplified setting, corpus power-law exponents, and scaling fits of EntCE with model size.
 
-Simplified setting (Cao, Valiant & Liang 2025; DESIGN.md section 5). The true next-token
+Simplified setting (Cao, Valiant & Liang 2025; docs/design.md, *The simplified setting*). The true next-token
 distribution is a power law over a vocabulary of V tokens, p_i ∝ i^(-a). A model is trained on
-m i.i.d. draws. At one step it is calibrated (DESIGN.md: step-1 entropy matches log loss), but what
+m i.i.d. draws. At one step it is calibrated (step-1 entropy matches log loss), but what
 follows a token is learned from that token's occurrences, and a token seen exactly once has a
 continuation memorised from a single example: a generation that lands on one derails into the
 high-entropy state. The derailing rate is the probability that the next token is once-seen:

@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .heads import FutureEntropyHead
 
 TRAIN_KEYS = ("hidden", "token", "horizon", "target")
@@ -70,7 +71,7 @@ class TrainResult:
 def collate_rows(rows, keys: Iterable[str] = TRAIN_KEYS) -> dict[str, torch.Tensor]:
     """A dict of tensors, an iterable of such dicts (concatenated), or a label folder path -> one dict."""
     if isinstance(rows, (str, os.PathLike)):
-        from .labels import load_labels  # only needed for folder input
+        from .label_store import load_labels  # only needed for folder input
 
         rows = load_labels(rows)
     if not isinstance(rows, dict):
@@ -124,20 +125,21 @@ def objective(pred: torch.Tensor, target: torch.Tensor, horizon: torch.Tensor,
 # Checkpoints
 
 
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
 def _save_checkpoint(root: Path, step: int, head: FutureEntropyHead, optimizer, state: dict, keep: int) -> None:
     """Write ``root/step-NNNNNNNN`` through a temporary folder renamed at the end (a crash leaves no
     half-written checkpoint), then delete all but the newest ``keep``."""
-    final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_path(_step_dir(root, step)) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     for old in sorted(_checkpoints(root))[:-keep]:
-        shutil.rmtree(root / f"step-{old:08d}", ignore_errors=True)
+        shutil.rmtree(_step_dir(root, old), ignore_errors=True)
 
 
 def _checkpoints(root: Path) -> list[int]:
@@ -157,6 +159,61 @@ def _lr_at(step: int, total: int, lr: float) -> float:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class _RunState:
+    """Where a training run stands; a checkpoint's ``state.json`` holds it (with the settings)."""
+
+    step: int = 0  # optimizer steps taken
+    history: list[dict] = field(default_factory=list)  # TrainResult.history so far
+    running: list = field(default_factory=lambda: [0.0, 0])  # [summed loss, steps] since the last history entry
+    seconds: float = 0.0  # wall time of the runs before this one
+    resumed_from: int | None = None  # the checkpoint step loaded, None for a fresh run
+
+
+def _start_or_resume(root: Path, settings: dict, head: FutureEntropyHead, rows: dict[str, torch.Tensor],
+                     init_rate: bool) -> _RunState:
+    """Load the newest checkpoint under ``root`` into ``head`` (refusing one made with other settings), or
+    start fresh, with the head's constant rate set to the rows' sum(target) / sum(horizon) (``init_rate``)."""
+    done = _checkpoints(root)
+    if not done:
+        if init_rate:
+            head.set_rate(rows["target"].double().sum().item() / max(1, rows["horizon"].sum().item()))
+        return _RunState()
+    folder = _step_dir(root, max(done))
+    state = json.loads((folder / "state.json").read_text())
+    if state["settings"] != settings:
+        diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+        raise ValueError(f"{folder} was made with other training settings ({', '.join(diff)}); "
+                         "use another out_dir, resume=False, or the same settings")
+    head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    return _RunState(state["step"], state["history"], state["running"], state.get("seconds", 0.0), max(done))
+
+
+def _optimizer(head: FutureEntropyHead, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on biases, norms and the per-token bias)."""
+    decay = [p for p in head.parameters() if p.ndim >= 2]
+    other = [p for p in head.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr)
+
+
+def _train_step(model, optimizer, accelerator: Accelerator, rows: dict[str, torch.Tensor], batch: torch.Tensor,
+                lr: float, weighting: str) -> torch.Tensor:
+    """One optimizer step on the rows ``batch`` (indices) at learning rate ``lr``; returns the batch's mean loss."""
+    world = accelerator.num_processes
+    mine = batch[accelerator.process_index::world]  # each process takes a slice; DDP averages the gradients
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    hidden, token, horizon, target = (rows[key][mine].to(accelerator.device) for key in TRAIN_KEYS)
+    pred = model(hidden, horizon, token=token)  # (n,)
+    losses = objective(pred, target, horizon, weighting)  # (n,)
+    loss = losses.sum() * world / len(batch)  # the mean over the whole batch once DDP averages
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def train_head(
@@ -203,7 +260,7 @@ def train_head(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, but is {value!r}")
     if isinstance(rows, (str, os.PathLike)) and not head.config.label_settings:
-        from .labels import read_manifest  # a label folder records how its labels were made
+        from .label_store import read_manifest  # a label folder records how its labels were made
 
         head.config.label_settings = read_manifest(rows)["settings"]
     rows = collate_rows(rows)
@@ -223,76 +280,48 @@ def train_head(
     if not resume and accelerator.is_main_process:
         shutil.rmtree(root, ignore_errors=True)  # stale checkpoints would shadow this run's on a later resume
     accelerator.wait_for_everyone()
-    done = _checkpoints(root)
-    step, history, running, resumed_from, seconds = 0, [], [0.0, 0], None, 0.0
-    if done:
-        resumed_from = max(done)
-        folder = root / f"step-{resumed_from:08d}"
-        state = json.loads((folder / "state.json").read_text())
-        if state["settings"] != settings:
-            diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise ValueError(f"{folder} was made with other training settings ({', '.join(diff)}); "
-                             "use another out_dir, resume=False, or the same settings")
-        head.load_state_dict(load_file(str(folder / "head.safetensors")))
-        step, history, running = state["step"], state["history"], state["running"]
-        seconds = state.get("seconds", 0.0)
-    elif init_rate:
-        head.set_rate(rows["target"].double().sum().item() / max(1, rows["horizon"].sum().item()))
+    run = _start_or_resume(root, settings, head, rows, init_rate)
 
-    # 2. Optimizer (no decay on biases, norms and the per-token bias), prepared by accelerate.
-    decay = [p for p in head.parameters() if p.ndim >= 2]
-    other = [p for p in head.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": other, "weight_decay": 0.0}], lr=lr)
-    model, optimizer = accelerator.prepare(head, optimizer)
-    if resumed_from is not None:
-        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    # 2. The optimizer, prepared by accelerate (with the checkpoint's state on a resume).
+    model, optimizer = accelerator.prepare(head, _optimizer(head, lr, weight_decay))
+    if run.resumed_from is not None:
+        saved = torch.load(_step_dir(root, run.resumed_from) / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     baseline = fit_baseline(rows) if val_rows is not None and "context_entropy" in rows else None
 
-    # 3. The loop: batch, loss, backward, step; then log, evaluate, checkpoint.
-    bar = tqdm(total=total, initial=step, desc="train head",
+    # 3. The loop: one step on a batch; then log, evaluate after each epoch, checkpoint.
+    bar = tqdm(total=total, initial=run.step, desc="train head",
                disable=not (progress and accelerator.is_local_main_process))
     model.train()
     order_epoch, order = -1, None
-    started = time.perf_counter() - seconds  # a resumed run continues the clock of the runs before it
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
+    started = time.perf_counter() - run.seconds  # a resumed run continues the clock of the runs before it
+    while run.step < total:
+        epoch, index = divmod(run.step, steps_per_epoch)
         if epoch != order_epoch:
             order_epoch, order = epoch, epoch_order(n, seed, epoch)
         batch = order[index * batch_size:(index + 1) * batch_size]
-        mine = batch[rank::world]  # each process takes a slice; DDP averages the gradients
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, lr)
-        hidden, token, horizon, target = (rows[key][mine].to(device) for key in TRAIN_KEYS)
-        pred = model(hidden, horizon, token=token)  # (n,)
-        losses = objective(pred, target, horizon, weighting)  # (n,)
-        loss = losses.sum() * world / len(batch)  # the mean over the whole batch once DDP averages
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        running = [running[0] + accelerator.reduce(loss.detach(), "mean").item(), running[1] + 1]
+        loss = _train_step(model, optimizer, accelerator, rows, batch, _lr_at(run.step, total, lr), weighting)
+        run.step += 1
+        run.running = [run.running[0] + accelerator.reduce(loss.detach(), "mean").item(), run.running[1] + 1]
         bar.update(1)
-        if step % log_every == 0 or step == total:
-            history.append({"step": step, "epoch": epoch, "loss": running[0] / running[1],
-                            "lr": _lr_at(step - 1, total, lr)})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
-            running = [0.0, 0]
-        if val_rows is not None and (step % steps_per_epoch == 0):
+        if run.step % log_every == 0 or run.step == total:
+            run.history.append({"step": run.step, "epoch": epoch, "loss": run.running[0] / run.running[1],
+                                "lr": _lr_at(run.step - 1, total, lr)})
+            bar.set_postfix(loss=f"{run.history[-1]['loss']:.4g}")
+            run.running = [0.0, 0]
+        if val_rows is not None and (run.step % steps_per_epoch == 0):
             scores = evaluate_head(accelerator.unwrap_model(model), val_rows, baseline=baseline, weighting=weighting)
-            history.append({"step": step, "epoch": epoch,
-                            **{f"val_{k}": scores[k] for k in ("loss", "mse", "r2", "r2_within")}})
+            run.history.append({"step": run.step, "epoch": epoch,
+                                **{f"val_{k}": scores[k] for k in ("loss", "mse", "r2", "r2_within")}})
             model.train()
-        if (step % checkpoint_every == 0 or step == total) and accelerator.is_main_process:
-            state = {"step": step, "history": history, "running": running, "settings": settings,
+        if (run.step % checkpoint_every == 0 or run.step == total) and accelerator.is_main_process:
+            state = {"step": run.step, "history": run.history, "running": run.running, "settings": settings,
                      "seconds": time.perf_counter() - started}
-            _save_checkpoint(root, step, accelerator.unwrap_model(model), optimizer, state, keep_checkpoints)
+            _save_checkpoint(root, run.step, accelerator.unwrap_model(model), optimizer, state, keep_checkpoints)
         accelerator.wait_for_everyone()
         if callback is not None:
-            callback(step, loss.item())
+            callback(run.step, loss.item())
     bar.close()
     seconds = time.perf_counter() - started
 
@@ -301,10 +330,10 @@ def train_head(
     metrics = evaluate_head(head, val_rows, baseline=baseline, weighting=weighting) if val_rows is not None else None
     if accelerator.is_main_process:
         head.save_pretrained(out_dir / HEAD_DIR)
-        (out_dir / HISTORY_NAME).write_text(json.dumps(history, indent=2))
-        plot_loss_curve(history, out_dir / PLOT_NAME)
-    return TrainResult(head=head, steps=step, history=history, resumed_from=resumed_from, metrics=metrics,
-                       head_dir=out_dir / HEAD_DIR, seconds=seconds)
+        (out_dir / HISTORY_NAME).write_text(json.dumps(run.history, indent=2))
+        plot_loss_curve(run.history, out_dir / PLOT_NAME)
+    return TrainResult(head=head, steps=run.step, history=run.history, resumed_from=run.resumed_from,
+                       metrics=metrics, head_dir=out_dir / HEAD_DIR, seconds=seconds)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from calibrated_sampling.calibrator import (
 )
 from calibrated_sampling.data import Window
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
-from calibrated_sampling.labels import describe_processors
 from calibrated_sampling.measure import measure
-from calibrated_sampling.samplers import parse_sampler
+from calibrated_sampling.samplers import parse_sampler, processors_key
 
 SCHEDULE = {"form": "untied", "max_new_tokens": 8, "bin_size": 3, "a": [1.2, 0.9, 1.05], "b": [0.05, 0.02, 0.1]}
 
@@ -359,10 +358,11 @@ def test_measure_calibrated_sampler(setup, tmp_path):
     assert isinstance(sampler, CalibratedSampler) and sampler.calibrator.scale == 0.5
     with pytest.raises(ValueError, match="`scale` needs a float, but is 'big'"):
         parse_sampler(spec + ":scale=big", model)
-    # What a label folder records as q: the spec and a digest of the head's files, which differ between heads.
-    described = describe_processors(sampler.processors)
-    assert described.startswith(spec + ":scale=0.5 (head files sha256 ")
-    assert described != describe_processors(parse_sampler(f"calibrated:{tmp_path / 'identity'}:scale=0.5", model).processors)
+    # The key (what journals and label folders record): every option and a digest of the head's files,
+    # which differ between heads; the bare processor list names the same q.
+    assert sampler.key.startswith(f"calibrated:{tmp_path / 'fitted'}:scale=0.5:fused=auto:past=error:sha256=")
+    assert processors_key(sampler.processors) == sampler.key
+    assert sampler.key != parse_sampler(f"calibrated:{tmp_path / 'identity'}:scale=0.5", model).key
 
     data = windows(3, [6, 9, 4], 7)
     results = measure(model, tok, data, ["base", spec, f"calibrated:{tmp_path / 'identity'}"], batch_size=3,

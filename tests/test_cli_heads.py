@@ -10,7 +10,8 @@ from test_cli_theory import sized_model
 from calibrated_sampling.cli import main
 from calibrated_sampling.heads import FutureEntropyHead
 from calibrated_sampling.label_rows import FOLDER_STRIDE, load_training_rows
-from calibrated_sampling.labels import bootstrapped_targets, load_labels
+from calibrated_sampling.label_store import load_labels
+from calibrated_sampling.labels import bootstrapped_targets
 from calibrated_sampling.models import load_model
 from calibrated_sampling.train import baseline_predict, fit_baseline
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,9 @@ from calibrated_sampling.heads import (
     FutureEntropyHead,
     HeadConfig,
     check_compatible,
+    check_weights_digest,
     load_config,
+    stamp_weights_digest,
     write_card,
 )
 
@@ -194,6 +199,66 @@ def test_missing_and_corrupt_files(tmp_path, tiny):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         FutureEntropyHead.from_pretrained(tmp_path)
+
+
+def test_config_records_the_digest_of_its_weights(tmp_path, tiny):
+    model, tokenizer = tiny
+    make_head(model=model, tokenizer=tokenizer).save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / CONFIG_NAME).read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256((tmp_path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert "weights_sha256" not in load_config(tmp_path).to_dict()  # a record of the folder, not of the config
+
+
+def test_weights_of_another_head_of_the_same_shapes_are_refused(tmp_path, tiny):
+    model, tokenizer = tiny
+    make_head(model=model, tokenizer=tokenizer, seed=0).save_pretrained(tmp_path / "one")
+    make_head(model=model, tokenizer=tokenizer, seed=1).save_pretrained(tmp_path / "two")
+    digests = {name: hashlib.sha256((tmp_path / name / WEIGHTS_NAME).read_bytes()).hexdigest() for name in ("one", "two")}
+    shutil.copy(tmp_path / "two" / WEIGHTS_NAME, tmp_path / "one" / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'one'}.*{digests['two']}.*{digests['one']}.*force=True"):
+        FutureEntropyHead.from_pretrained(tmp_path / "one", model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="force=True"):  # stamping does not bless a swap by accident
+        stamp_weights_digest(tmp_path / "one")
+    assert stamp_weights_digest(tmp_path / "one", force=True) == digests["two"]
+    FutureEntropyHead.from_pretrained(tmp_path / "one", model=model, tokenizer=tokenizer)
+
+
+def test_a_folder_without_the_digest_is_refused_until_stamped(tmp_path, tiny):
+    model, tokenizer = tiny
+    head = make_head(model=model, tokenizer=tokenizer, calibration={"a": [1.0], "b": [0.1]})
+    head.save_pretrained(tmp_path)
+    stamped = (tmp_path / CONFIG_NAME).read_text()
+    record = json.loads(stamped)
+    del record["weights_sha256"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(ValueError, match=r"records no `weights_sha256`.*stamp_weights_digest\("):
+        FutureEntropyHead.from_pretrained(tmp_path, model=model, tokenizer=tokenizer)
+    stamp_weights_digest(tmp_path)
+    assert (tmp_path / CONFIG_NAME).read_text() == stamped  # only the digest line was added
+    loaded = FutureEntropyHead.from_pretrained(tmp_path, model=model, tokenizer=tokenizer)
+    assert loaded.config.to_dict() == head.config.to_dict()
+
+
+def test_save_calibration_keeps_the_digest_and_refuses_other_weights(tmp_path, tiny):
+    from calibrated_sampling.calibrator import constant_calibration
+    from calibrated_sampling.fit import save_calibration
+
+    model, tokenizer = tiny
+    make_head(model=model, tokenizer=tokenizer).save_pretrained(tmp_path)
+    before = json.loads((tmp_path / CONFIG_NAME).read_text())["weights_sha256"]
+    save_calibration(tmp_path, constant_calibration(0.9, 0.1, 8))
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["weights_sha256"] == before
+    assert FutureEntropyHead.from_pretrained(tmp_path, model=model, tokenizer=tokenizer).config.calibration["a"] == [0.9]
+    make_head(model=model, tokenizer=tokenizer, seed=5).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / WEIGHTS_NAME, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="come from another head"):
+        save_calibration(tmp_path, constant_calibration(1.0, 0.0, 8))
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "heads").iterdir()
+                                          if (p / CONFIG_NAME).is_file()))
+def test_shipped_heads_record_the_digest_of_their_weights(folder):
+    check_weights_digest(Path(__file__).resolve().parents[1] / "heads" / folder)
 
 
 def test_write_card(tmp_path):

@@ -8,8 +8,8 @@ from conftest import EOS_ID, make_model, make_tokenizer, word_text
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from calibrated_sampling.cli import main
-from calibrated_sampling.data import Window
-from calibrated_sampling.measure import batch_windows, generate_with_entropy, measure
+from calibrated_sampling.data import Window, batch_windows
+from calibrated_sampling.measure import generate_with_entropy, measure
 from calibrated_sampling.metrics import entropy
 
 measure_module = importlib.import_module("calibrated_sampling.measure")  # the package's `measure` is the function
@@ -45,6 +45,24 @@ def test_base_log_loss_equals_direct_teacher_forcing(tiny, monkeypatch, chunk_st
     assert result["entce"] == pytest.approx(result["gen_entropy"] - result["log_loss"])
     per_step = torch.stack([direct_log_loss(model, w) for w in windows]).mean(0)
     torch.testing.assert_close(torch.tensor(result["per_step"]["log_loss"], dtype=torch.float64), per_step.double(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["base", "temperature=0.7+top_p=0.9", "min_p=0.05", "top_k=5"])
+def test_rowwise_teacher_forcing_equals_the_step_by_step_pass(tiny, monkeypatch, spec):
+    """Warpers are applied to many steps at once; a step-by-step pass of the same q gives the same numbers."""
+    from calibrated_sampling.samplers import parse_sampler
+
+    model, tok = tiny
+    windows = random_windows(3, [6, 9, 4], 10)
+    monkeypatch.setattr(measure_module, "CHUNK_LOGITS", 4 * 3 * model.config.vocab_size)  # chunks of 4 steps
+    batched = parse_sampler(spec)
+    stepwise = parse_sampler(spec)
+    stepwise.rowwise = False
+    assert batched.rowwise
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    one, two = (measure_module.teacher_forced(model, s, windows, pad) for s in (batched, stepwise))
+    for name in ("log_loss", "smoothed", "entropy", "truncated"):
+        torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=0)
 
 
 def test_tokenizer_without_pad_token_is_handled():

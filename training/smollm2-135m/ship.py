@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from calibrated_sampling.heads import CONFIG_NAME, WEIGHTS_NAME, write_card
-from calibrated_sampling.labels import load_labels, read_manifest
+from calibrated_sampling.label_store import load_labels, read_manifest
 
 WITHIN = ("onestep", "rollout", "rollout-b")  # the folders whose contexts have several candidates
 
