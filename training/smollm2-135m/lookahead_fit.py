@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from calibrated_sampling.data import load_documents, make_windows
-from calibrated_sampling.lookahead import DEFAULT_TOP, fit_alpha, lookahead_log_loss, lookahead_loss_terms
+from calibrated_sampling.lookahead import DEFAULT_TOP
+from calibrated_sampling.lookahead_fit import fit_alpha, lookahead_log_loss, lookahead_loss_terms
 from calibrated_sampling.models import load_model
 
 

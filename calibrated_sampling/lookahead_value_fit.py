@@ -1,0 +1,82 @@
+"""The log-loss fit of alpha for any lookahead F (one-step, lookahead-value, two-step), from its spec.
+
+The fit itself is :mod:`.lookahead_fit`'s: one teacher-forced pass records, per human token, log p of the
+top C candidates and their F from the spec's F source; alpha minimises the human log loss by Newton's
+method, with a sandwich standard error clustered by window (``stderr``; ``lookahead_fit.alpha_stderr``).
+Here: specs with ``alpha=fit`` become F sources and, once fitted, the spec with the fitted alpha
+(:func:`fit_spec_alpha`), and the same terms give one alpha per bin of steps (:func:`fit_alpha_bins`), the
+per-step weights that ``FutureLookaheadProcessor`` takes. Training layer: it drives measurement passes.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from .data import Window
+from .lookahead import LookaheadEntropy, parse_lookahead
+from .lookahead_fit import fit_alpha, lookahead_loss_terms
+from .lookahead_value import TwoStepLookahead, ValueLookahead, parse_lookahead2, parse_lookahead_value
+from .samplers import format_number, parse_sampler
+from .value import StateValueHead
+
+
+def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:
+    """The F source of a ``lookahead:``, ``lookahead-value:`` or ``lookahead2:`` spec (its alpha is ignored)."""
+    kind = spec.partition(":")[0].strip()
+    if kind == "lookahead":
+        return LookaheadEntropy(model, parse_lookahead(spec)["top"])
+    if kind == "lookahead-value":
+        folder, options = parse_lookahead_value(spec)
+        return ValueLookahead(model, StateValueHead.from_pretrained(folder, model), options["top"], options["horizon"])
+    if kind == "lookahead2":
+        options = parse_lookahead2(spec)
+        return TwoStepLookahead(model, options["top"], options["top2"])
+    raise ValueError(f"`spec` must be a lookahead:, lookahead-value: or lookahead2: spec, but is {spec!r}")
+
+
+def with_alpha(spec: str, alpha: float) -> str:
+    """``spec`` with its alpha term (``alpha=fit`` or ``alpha=X``) set to ``alpha``; ``lookahead:fit`` too."""
+    terms = spec.strip().split(":")
+    found = [i for i, term in enumerate(terms) if i > 0 and (term.strip().startswith("alpha=") or term.strip() == "fit")]
+    if len(found) != 1:
+        raise ValueError(f"`spec` must hold one alpha term (alpha=fit or alpha=X), but is {spec!r}")
+    terms[found[0]] = f"alpha={format_number(alpha)}"
+    return ":".join(terms)
+
+
+def fit_spec_alpha(spec: str, model: PreTrainedModel, tokenizer, windows: list[Window],
+                   batch_size: int = 8) -> dict:
+    """Fit the alpha of a lookahead spec on ``windows`` (use the fit split).
+
+    Returns lookahead_fit's result ({"alpha", "stderr", "stderr_model", "clusters", "log_loss",
+    "log_loss_alpha0", "tokens", "in_top_fraction", ...}) plus ``top`` and ``spec``, the key of the fitted
+    sampler. (Per-bin weights: :func:`fit_alpha_bins` on ``lookahead_loss_terms(..., source=spec_source(...))``.)
+    """
+    source = spec_source(spec, model)
+    result = fit_alpha(lookahead_loss_terms(model, tokenizer, windows, source.top, batch_size, source))
+    result["top"] = source.top
+    result["spec"] = parse_sampler(with_alpha(spec, result["alpha"]), model).key
+    return result
+
+
+def fit_alpha_bins(terms: dict, bin_size: int) -> list[dict]:
+    """One alpha per bin of ``bin_size`` steps (bin j: steps j * S .. j * S + S - 1), each a separate
+    1-D fit on its tokens (F is fixed, so the bins decouple), with its own standard error."""
+    if isinstance(bin_size, bool) or not isinstance(bin_size, int) or bin_size < 1:
+        raise ValueError(f"`bin_size` must be a positive integer, but is {bin_size!r}")
+    if "step" not in terms:
+        raise ValueError("the terms hold no `step` (make them with lookahead_fit.lookahead_loss_terms)")
+    bins = terms["step"] // bin_size
+    fits = []
+    for j in range(int(bins.max()) + 1 if len(bins) else 0):
+        inside = bins == j
+        fits.append({"bin": j, **fit_alpha({key: value[inside] for key, value in terms.items()})})
+    return fits
+
+
+def per_step_alphas(fits: list[dict], bin_size: int, steps: int) -> list[float]:
+    """The per-step weights of :func:`fit_alpha_bins`' fits for a generation of ``steps`` steps (step t
+    takes bin t // bin_size); a generation longer than the fitted bins is refused."""
+    if steps > len(fits) * bin_size:
+        raise ValueError(f"`steps` = {steps} is more than the {len(fits)} fitted bins of {bin_size} cover")
+    return [fits[t // bin_size]["alpha"] for t in range(steps)]
