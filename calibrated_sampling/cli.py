@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .files import write_atomic
 
 
 def _machine() -> str:
@@ -104,12 +105,11 @@ def _load(args):
 def cmd_measure(args) -> int:
     from .measure import measure
     from .report import format_table, plot_curves, write_results
-    from .samplers import parse_sampler, split_specs
+    from .samplers import check_specs, resolve_samplers, split_specs
 
     specs = split_specs(args.samplers)
-    for spec in specs:  # fail on a bad spec before the model loads
-        if ":" not in spec:
-            parse_sampler(spec)
+    check_specs(specs)  # bad specs, missing head folders, a sampler named twice: before the model loads
+    _check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     state = _distributed()  # several processes: each runs a share of the batches on its own device
@@ -117,11 +117,13 @@ def cmd_measure(args) -> int:
         args.device = str(state.device)
     with _main_first(state):
         model, tokenizer, windows = _load(args)
+    # Every spec built (heads loaded, schedules checked against T) before anything is measured or written.
+    samplers = resolve_samplers(specs, model, args.max_new_tokens)
     kwargs = dict(batch_size=args.batch_size, seed=args.seed, stop_at_eos=not args.ignore_eos)
     if state is None:
-        results = _measure_with_journal(model, tokenizer, windows, specs, Path(args.out), **kwargs)
+        results = _measure_with_journal(model, tokenizer, windows, samplers, Path(args.out), **kwargs)
     else:
-        results = measure(model, tokenizer, windows, specs, **kwargs)
+        results = measure(model, tokenizer, windows, samplers, **kwargs)
         if not state.is_main:
             return 0  # every process holds the full results; process 0 writes them
     settings = {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size",
@@ -135,44 +137,57 @@ def cmd_measure(args) -> int:
     return 0
 
 
-def _measure_with_journal(model, tokenizer, windows, specs: list[str], out: Path, **kwargs) -> dict:
+def _check_counts(args, names: tuple[str, ...]) -> None:
+    """Refuse a count below 1 before any model work or journal write: a refused run must leave nothing
+    behind that its corrected rerun into the same ``--out`` would stumble on."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, but is {value!r}")
+
+
+def _measure_with_journal(model, tokenizer, windows, samplers: list, out: Path, **kwargs) -> dict:
     """measure() one sampler at a time, each finished one kept in ``OUT/measurements.jsonl``
     (:mod:`.journal`): an interrupted run measures again only what it had not finished."""
-    from .compare import journal_key, run_fingerprint
+    from .compare import run_fingerprint
     from .journal import JOURNAL_NAME, Journal
     from .measure import measure
-    from .samplers import parse_sampler
 
     journal = Journal(out / JOURNAL_NAME, run_fingerprint(model, tokenizer, windows, kwargs["seed"], command="measure",
                                                           batch_size=kwargs["batch_size"],
                                                           stop_at_eos=kwargs["stop_at_eos"]))
     results = {}
-    for spec in specs:
-        sampler = parse_sampler(spec, model)
-        key = journal_key(sampler)
-        result = journal.get(key)
+    for sampler in samplers:
+        result = journal.get(sampler.key)
         if result is None:
-            result = measure(model, tokenizer, windows, [sampler], **kwargs)[spec]
-            journal.add(key, result)
+            result = measure(model, tokenizer, windows, [sampler], **kwargs)[sampler.spec]
+            journal.add(sampler.key, result)
         else:
-            print(f"{spec}: from {journal.path}", file=sys.stderr)
-        results[spec] = result
+            print(f"{sampler.spec}: from {journal.path}", file=sys.stderr)
+        results[sampler.spec] = result
     return results
 
 
 def cmd_compare(args) -> int:
-    from .compare import PRESETS, run_comparison, write_comparison
+    from .compare import PRESETS, run_comparison
     from .data import load_documents, make_windows
     from .journal import JOURNAL_NAME
     from .models import load_model
+    from .report import write_comparison
+    from .samplers import check_specs
 
     preset = PRESETS["full" if args.full else "quick"]
-    overrides = {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "batch_size") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("num_prompts", "max_new_tokens", "batch_size")
+                 if getattr(args, k) is not None}  # 0 is an override too, and refused by Preset
     if overrides:
         from dataclasses import replace
 
         preset = replace(preset, **overrides)
     heads = [h.strip() for h in (args.heads or "").split(",") if h.strip()]
+    check_specs([f"calibrated:{head}" for head in heads])  # a mistyped folder fails now, not after the grid
+    schedules = [f.strip() for f in (args.schedules or "").split(",") if f.strip()]
+    check_specs([f"schedule:{file}" for file in schedules])  # a missing or malformed file too (its model: later)
+    _check_counts(args, ("prompt_tokens",))
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -183,11 +198,11 @@ def cmd_compare(args) -> int:
         docs, tokenizer, preset.fit_prompts, args.prompt_tokens, preset.max_new_tokens, split="fit")
     journal = Path(args.out) / JOURNAL_NAME  # an interrupted comparison resumes from its finished measurements
     payload = run_comparison(model, tokenizer, windows, fit_windows, preset, heads=heads, seed=args.seed,
-                             journal=journal)
+                             journal=journal, schedules=schedules)
     settings = {"preset": "full" if args.full else "quick", "num_prompts": preset.num_prompts,
                 "prompt_tokens": args.prompt_tokens, "max_new_tokens": preset.max_new_tokens,
                 "batch_size": preset.batch_size, "seed": args.seed, "split": "eval", "dtype": args.dtype,
-                "heads": heads, "machine": _machine(), "version": __version__,
+                "heads": heads, "schedules": schedules, "machine": _machine(), "version": __version__,
                 "seconds": round(time.perf_counter() - started, 1)}
     title = f"{args.model} on {args.data}: {preset.num_prompts} prompts, {preset.max_new_tokens} tokens, seed {args.seed}"
     paths = write_comparison(args.out, payload, args.model, args.data, settings, tokenizer, title=title)
@@ -228,19 +243,18 @@ def _count(text: str) -> int:
 
 def _write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))  # NaN / Infinity as JSON5-style literals
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))  # NaN / Infinity as JSON5-style literals
 
 
 def cmd_label(args) -> int:
     from .labels import make_labels
-    from .samplers import Sampler, parse_sampler
+    from .samplers import check_specs, parse_sampler
 
+    check_specs([args.sampler])  # a bad spec or a missing head folder fails before the model loads
+    _check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
     model, tokenizer, windows = _load(args)
     sampler = parse_sampler(args.sampler, model)
-    if args.kind != "returns" and type(sampler) is not Sampler:
+    if args.kind != "returns" and sampler.hooks_model:
         # rollouts start mid-continuation and teacher forcing never samples: a hooked sampler's step count breaks
         raise ValueError(f"`--sampler` {args.sampler!r} hooks into the model; it can make `returns` labels only, "
                          f"not {args.kind!r}")
@@ -306,26 +320,96 @@ def cmd_train_head(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from .data import load_documents, make_windows
-    from .fit import fit_weights, format_calibration, save_calibration
-    from .heads import FutureEntropyHead
-    from .models import load_model
+    """``--objective entropy`` (default): an entropy-matched schedule file; ``log-loss``: the per-bin
+    log-loss fit of a head's weights, into its config.json (or a copy) or into a schedule file."""
+    _check_fit_args(args)
+    if args.objective == "entropy":
+        return _fit_entropy(args)
+    return _fit_log_loss(args)
 
+
+def _check_fit_args(args) -> None:
+    """Every flag checked before the model loads: a fit that fails after minutes of sampling on a typo
+    wastes the minutes."""
+    _check_counts(args, ("num_prompts", "max_new_tokens", "bin_size", "batch_size", "max_rounds", "max_iter"))
     if args.heldout_prompts < 0:
         raise ValueError(f"`--heldout-prompts` must be 0 or more, but is {args.heldout_prompts}")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    head = FutureEntropyHead.from_pretrained(args.head, model=model, tokenizer=tokenizer)
+    if args.head is not None and not Path(args.head).is_dir():
+        raise FileNotFoundError(f"`--head` {args.head!r} is not a folder")
+    if args.objective == "entropy":
+        if not args.out or not args.out.endswith(".json"):
+            raise ValueError(f"`--objective entropy` writes a schedule file: `--out` must name a .json file, but is "
+                             f"{args.out!r}")
+        if args.heldout_prompts:
+            raise ValueError("`--heldout-prompts` belongs to `--objective log-loss`; judge an entropy-matched "
+                             "schedule held out with `measure --samplers schedule:FILE`")
+    elif args.head is None:
+        raise ValueError("`--objective log-loss` fits a head's weights: `--head` is required")
+
+
+def _fit_windows(args, tokenizer):
+    from .data import load_documents, make_windows
+
     docs = load_documents(args.data)
     windows = make_windows(docs, tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens, split="fit")
     heldout = None
     if args.heldout_prompts:
         heldout = make_windows(docs, tokenizer, args.heldout_prompts, args.prompt_tokens, args.max_new_tokens,
                                split="eval")
+    return windows, heldout
+
+
+def _fit_entropy(args) -> int:
+    from .entropy_fit import fit_entropy_matched
+    from .models import load_model
+    from .schedule import describe_schedule, load_schedule, save_schedule
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    windows, _ = _fit_windows(args, tokenizer)
+    # Every round is kept beside the output: an interrupted fit, or one given more --max-rounds, resumes.
+    rounds = Path(args.out).with_suffix(".rounds.json")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=args.max_new_tokens, bin_size=args.bin_size,
+                              future=args.head or "none", batch_size=args.batch_size, seed=args.seed,
+                              max_rounds=args.max_rounds, checkpoint=rounds)
+    fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=_machine(),
+                         version=__version__)
+    report = fit["report"]
+    print(f"{report['rounds']} rounds, {report['generated_tokens']} generated tokens, {report['seconds']:.0f} s; "
+          f"fit-side log loss {report['log_loss_base']:.4f} -> {report['log_loss']:.4f}, multiplier of F "
+          f"{report['multiplier']:g}")
+    if not report["converged"]:
+        gaps = ", ".join(f"{row['gap']:+.3f} ± {row['gap_stderr']:.3f}" for row in report["bins"])
+        print(f"calibrated-sampling fit: the fit did not converge in {args.max_rounds} rounds (per-bin gaps {gaps}); "
+              f"nothing written. The rounds are kept in {rounds}: the same command with more --max-rounds "
+              f"resumes from them; more prompts (--num-prompts) narrow the standard errors.", file=sys.stderr)
+        return 1
+    path = save_schedule(args.out, fit, model, tokenizer)
+    rounds.unlink(missing_ok=True)  # the schedule's report holds the history
+    print(describe_schedule(load_schedule(path)))
+    print(f"\nwrote {path}; sample it with the spec schedule:{path}")
+    return 0
+
+
+def _fit_log_loss(args) -> int:
+    from .fit import fit_weights, format_calibration, save_calibration
+    from .heads import FutureEntropyHead
+    from .models import load_model
+    from .schedule import save_schedule
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    head = FutureEntropyHead.from_pretrained(args.head, model=model, tokenizer=tokenizer)
+    windows, heldout = _fit_windows(args, tokenizer)
     calibration = fit_weights(model, tokenizer, head, windows, max_new_tokens=args.max_new_tokens,
                               bin_size=args.bin_size, form=args.form, batch_size=args.batch_size,
                               heldout_windows=heldout, max_iter=args.max_iter)
     calibration["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens,
                                  machine=_machine(), version=__version__)
+    print(format_calibration(calibration))
+    if args.out and args.out.endswith(".json"):  # a schedule file beside the head: no copy of its weights
+        path = save_schedule(args.out, log_loss_schedule(calibration, args.head), model, tokenizer)
+        print(f"\nwrote {path}; sample it with the spec schedule:{path}")
+        return 0
     target = args.head
     if args.out:  # a copy of the head with these weights: the original keeps its schedule (another T, say)
         import shutil
@@ -334,9 +418,18 @@ def cmd_fit(args) -> int:
             shutil.copytree(args.head, args.out, dirs_exist_ok=True)
         target = args.out
     path = save_calibration(target, calibration)
-    print(format_calibration(calibration))
     print(f"\nwrote the weights into {path}")
     return 0
+
+
+def log_loss_schedule(calibration: dict, head_dir: str) -> dict:
+    """A log-loss fit (fit.fit_weights) in the shape ``schedule.save_schedule`` takes."""
+    from .heads import weights_file_digest
+
+    return {"objective": "log-loss", "max_new_tokens": calibration["max_new_tokens"],
+            "bin_size": calibration["bin_size"], "a": calibration["a"], "b": calibration["b"],
+            "future": {"kind": "head", "path": str(head_dir), "sha256": weights_file_digest(head_dir)},
+            "report": calibration["report"]}
 
 
 def cmd_generate(args) -> int:
@@ -344,7 +437,11 @@ def cmd_generate(args) -> int:
 
     from .calibrator import FutureEntropyCalibrator
     from .models import load_model
+    from .samplers import check_specs
 
+    # The head folder and the settings, as a calibrated spec, checked before the model loads.
+    check_specs([f"calibrated:{args.head}:scale={args.scale!r}:past={args.past_schedule}"])
+    _check_counts(args, ("max_new_tokens",))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     calibrator = FutureEntropyCalibrator.from_pretrained(args.head, model, tokenizer, scale=args.scale,
                                                          past_schedule=args.past_schedule)
@@ -491,11 +588,7 @@ def format_scaling(rows: list[dict], fit: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calibrated-sampling", description=__doc__)
-    parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_measure_parser(sub) -> None:
     p = sub.add_parser("measure", help="log loss on human text vs entropy of generations, per sampler")
     _add_model_args(p)
     _add_data_args(p, prompts=16, new_tokens=256)
@@ -506,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/measure", help="output folder")
     p.set_defaults(func=cmd_measure)
 
+
+def _add_label_parser(sub) -> None:
     p = sub.add_parser("label", help="future-entropy labels (returns, rollout, teacher-forced) as safetensors shards")
     _add_model_args(p)
     _add_data_args(p, prompts=64, new_tokens=256)
@@ -524,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="label folder (an interrupted run resumes into it)")
     p.set_defaults(func=cmd_label)
 
+
+def _add_train_head_parser(sub) -> None:
     p = sub.add_parser("train-head", help="train a future-entropy head on label folders (frozen LM)")
     p.add_argument("--model", default="smollm2-135m", help="the LM the labels were made with")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present; `accelerate launch` for several)")
@@ -547,24 +644,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="gets checkpoints/, head/, history.json, loss.png, metrics.json")
     p.set_defaults(func=cmd_train_head)
 
+
+def _add_fit_parser(sub) -> None:
+    from .calibrator import FORMS
     from .fit import DEFAULT_BIN_SIZE
 
-    p = sub.add_parser("fit", help="fit a head's calibration weights (one per bin of steps) to human log loss")
+    p = sub.add_parser("fit", help="fit a schedule of weights (one per bin of steps): entropy-matched (calibrated "
+                                   "per bin at the lowest log loss) or by human log loss alone")
     _add_model_args(p)
-    p.add_argument("--head", required=True, help="head folder; the weights are written into its config.json")
-    p.add_argument("--out", default=None, help="write a copy of the head with the fitted weights here instead")
+    p.add_argument("--objective", default="entropy", choices=["entropy", "log-loss"],
+                   help="entropy: every bin's generation entropy matched to its human log loss, F weighted where "
+                        "it lowers the log-loss price (writes a schedule file); log-loss: the paper's fit of human "
+                        "log loss alone")
+    p.add_argument("--head", default=None,
+                   help="head folder whose F the schedule weights (entropy: optional, none = a per-step temperature "
+                        "schedule; log-loss: required, and the weights go into its config.json unless --out)")
+    p.add_argument("--out", default=None,
+                   help="FILE.json: write a schedule file (spec schedule:FILE); log-loss only: a folder gets a copy "
+                        "of the head with the weights")
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
     p.add_argument("--num-prompts", type=int, default=128, help="fit windows (from the `fit` split)")
-    p.add_argument("--heldout-prompts", type=int, default=0, help="held-out windows (from the `eval` split)")
+    p.add_argument("--heldout-prompts", type=int, default=0,
+                   help="log-loss: held-out windows (from the `eval` split) for the fit's report")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=256, help="T: the generation length the schedule covers")
     p.add_argument("--bin-size", type=int, default=DEFAULT_BIN_SIZE, help="steps per weight (the last bin may be shorter)")
-    p.add_argument("--form", default="tied", choices=["tied", "untied", "global"],
-                   help="tied: one alpha per bin; untied: (a, b) per bin; global: one alpha (ablation)")
+    p.add_argument("--form", default="tied", choices=FORMS,
+                   help="log-loss: tied: one alpha per bin; untied: (a, b) per bin; global: one alpha (ablation)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-iter", type=int, default=50, help="Newton passes over the data at most")
+    p.add_argument("--max-iter", type=int, default=50, help="log-loss: Newton passes over the data at most")
+    p.add_argument("--max-rounds", type=int, default=8,
+                   help="entropy: rounds of sampling the fit prompts before the fit gives up (and writes nothing)")
+    p.add_argument("--seed", type=int, default=0, help="entropy: seed of the fit's generations (the same every round)")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="all samplers side by side: grids, lookahead, calibrated heads, "
                                        "matched-EntCE settings, MAUVE, frontier plots")
     _add_model_args(p)
@@ -573,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 48 tokens (the default)")
     size.add_argument("--full", action="store_true", help="fuller grids, 64 prompts x 256 tokens (the README's)")
     p.add_argument("--heads", default=None, help="comma-separated fitted head folders (calibrated:DIR samplers)")
+    p.add_argument("--schedules", default=None,
+                   help="comma-separated schedule files (`fit --out FILE`, schedule:FILE samplers), read against "
+                        "temperature at EntCE = 0; each is checked against the model and length before anything runs")
     p.add_argument("--num-prompts", type=int, default=None, help="override the preset")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the preset")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset")
@@ -580,9 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lookahead", action="store_true", help="skip the lookahead baseline (its fit and run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare", help="gets results.json, report.md, samples.jsonl, curves.png, "
-                                                        "frontier_logloss.png, frontier_diversity.png")
+                                                        "frontier_logloss.png, frontier_diversity.png, "
+                                                        "per_bin_entce.png")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from the calibrated distribution of a fitted head")
     _add_model_args(p)
     p.add_argument("--head", required=True, help="head folder with a fitted calibration (config.json, head.safetensors)")
@@ -594,6 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps past the fitted schedule: refuse, or sample from the base model")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_theory_parser(sub) -> None:
     from .theory import DEFAULT_VOCAB, PAPER_EXPONENTS
 
     p = sub.add_parser("theory", help="simplified setting: simulated derailing-rate slopes vs the predicted 1/a - 1")
@@ -607,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for theory.json (default: print only)")
     p.set_defaults(func=cmd_theory)
 
+
+def _add_corpus_exponent_parser(sub) -> None:
     p = sub.add_parser("corpus-exponent", help="power-law exponent a of a corpus's word frequencies, and 1/a - 1")
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec: pydoc, stdlib-code, a file / folder / "
                                                    "glob, wikitext-103, ...")
@@ -614,6 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5000, help="fit over this many of the most frequent words")
     p.set_defaults(func=cmd_corpus_exponent)
 
+
+def _add_scaling_parser(sub) -> None:
     p = sub.add_parser("scaling", help="EntCE of the base sampler for several model sizes, and its fit C * N^beta")
     p.add_argument("--models", required=True, help="comma-separated models (aliases, directories, .gguf, hub ids)")
     p.add_argument("--params", default=None,
@@ -625,6 +752,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--out", default="runs/scaling", help="output folder")
     p.set_defaults(func=cmd_scaling)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one ``_add_<command>_parser`` per subcommand, in the order ``--help`` lists them."""
+    parser = argparse.ArgumentParser(prog="calibrated-sampling", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_measure_parser(sub)
+    _add_label_parser(sub)
+    _add_train_head_parser(sub)
+    _add_fit_parser(sub)
+    _add_compare_parser(sub)
+    _add_generate_parser(sub)
+    _add_theory_parser(sub)
+    _add_corpus_exponent_parser(sub)
+    _add_scaling_parser(sub)
     return parser
 
 

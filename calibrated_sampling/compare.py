@@ -1,10 +1,13 @@
-"""The comparison: every sampler on the same prompts and seed, matched-entropy settings, MAUVE, plots.
+"""The comparison: every sampler on the same prompts and seed, matched-entropy settings, MAUVE (its
+report.md and plots are written by :func:`.report.write_comparison`).
 
 ``run_comparison`` measures ``base``, grids of temperature, top-p, top-k, min-p, typical, eta and epsilon,
 the one-step lookahead (alpha fitted on the fit split) and calibrated heads with a sweep of their
-scale. For temperature, top-p, min-p and each head's scale it then searches the setting whose EntCE
-is zero (EntCE is monotone in each knob: a bracketing secant search, one ``measure`` call per step),
-so that log loss and diversity can be compared at equal EntCE.
+scale, and schedule files (``fit --out FILE``). For temperature, top-p, min-p and each head's scale it
+then searches a bracket of EntCE = 0 (EntCE is monotone in each knob: a bracketing secant search, one
+``measure`` call per step) until both its ends are within their standard errors of 0, and reads log
+loss, diversity and the per-prompt values linearly in EntCE between them, so that every method, the
+schedules included, is compared with temperature at equal EntCE (:func:`equal_entropy`).
 
 All warper samplers see the same prompts, so the teacher-forced decoder pass (the largest cost of a
 short measurement) is computed once per batch and reused (:func:`reuse_decoder_pass`): the numbers
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import math
 import sys
 import time
@@ -26,16 +28,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from .calibrator import parse_calibrated
 from .data import Window, windows_digest
 from .journal import Journal, fingerprint
-from .label_store import weights_digest
-from .labels import describe_processors
-from .lookahead import fit_lookahead_alpha
-from .mauve import compute_mauve, text_features
+from .lookahead import parse_lookahead
+from .lookahead_fit import fit_lookahead_alpha
+from .mauve import compute_mauve, mauve_available, text_features
 from .measure import measure
-from .metrics import self_bleu
-from .models import model_fingerprint, tokenizer_fingerprint
-from .samplers import SAMPLER_KINDS, Sampler, parse_sampler
+from .metrics import per_bin_entce, self_bleu
+from .models import model_fingerprint, pad_token_id, tokenizer_fingerprint, weights_digest
+from .samplers import WARPERS, Sampler, parse_sampler, resolve_samplers
+from .schedule import load_schedule
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,27 @@ class Preset:
     scale: tuple[float, ...] = (0.5, 2.0)  # sweep of each calibrated head's scale (1 = as fitted)
     tolerance: float = 0.02  # |EntCE| in nats at which the search stops
 
+    def __post_init__(self):
+        # Checked here, so that a bad override fails before the model loads and the journal is written.
+        for name, least in (("num_prompts", 1), ("max_new_tokens", 1), ("batch_size", 1), ("lookahead_top", 1),
+                            ("fit_prompts", 0), ("search_iterations", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"`{name}` must be an integer of at least {least}, but is {value!r}")
+        for name in (*GRID_KNOBS, "scale"):
+            values = getattr(self, name)
+            if not all(_finite(v) for v in values):
+                raise ValueError(f"`{name}` must hold finite numbers, but is {values!r}")
+        if not _finite(self.tolerance) or self.tolerance < 0:
+            raise ValueError(f"`tolerance` must be a finite number of at least 0, but is {self.tolerance!r}")
+
+
+GRID_KNOBS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "eta", "epsilon")  # in table order
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 PRESETS = {
     # quick: `make demo` within 10 minutes on 2 shared CPU cores, installation included (the calibrated
@@ -70,8 +94,9 @@ PRESETS = {
                    epsilon=(0.0003, 0.0009), scale=(0.0, 0.5, 1.5, 2.0), tolerance=0.01),
 }
 # Knobs searched for EntCE = 0: (value at which the sampler is `base` or None, range tried when the grid has
-# no bracket, search on a log scale). min_p truncates a few % of human tokens already at 1e-3, and each one
-# costs ~9 nats of smoothed log loss, so its EntCE falls steeply near 0: it is searched on a log scale.
+# no bracket, search on a log scale). min_p truncates human tokens already at small values (their share is
+# `truncated_fraction` in results.json), and each one costs at least -log(1e-4) ~ 9 nats of smoothed log loss,
+# so its EntCE falls steeply near 0: it is searched on a log scale.
 KNOBS = {"temperature": (1.0, (0.5, 1.5), False), "top_p": (1.0, (0.2, 1.0), False),
          "min_p": (None, (1e-5, 0.5), True)}
 SCALE_RANGE = (0.0, 4.0)
@@ -80,7 +105,7 @@ SCALE_RANGE = (0.0, 4.0)
 def grid_specs(preset: Preset) -> list[str]:
     """``base`` and the warper grid of a preset, in table order."""
     specs = ["base"]
-    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p", "eta", "epsilon"):
+    for name in GRID_KNOBS:
         specs += [f"{name}={value:g}" for value in getattr(preset, name)]
     return specs
 
@@ -110,12 +135,20 @@ def reuse_decoder_pass(model: PreTrainedModel, memo: dict) -> Iterator[None]:
 
 
 def find_root(f: Callable[[float], float], lo: float, hi: float, f_lo: float, f_hi: float, iterations: int,
-              tol: float = 0.0, digits: int = 4, log: bool = False) -> dict:
+              tol: float = 0.0, digits: int = 4, log: bool = False,
+              stderr: Callable[[float], float] | None = None) -> dict:
     """A root of a monotone ``f`` inside a bracket (f_lo, f_hi of opposite signs): Illinois regula falsi,
     ``iterations`` evaluations at most, each point rounded to ``digits`` decimals (readable specs).
     ``log``: interpolate in log x (x > 0) and round to ``digits`` significant digits instead.
 
-    Returns {"x", "fx" (the evaluated point nearest zero), "history": [[x, f(x)], ...], "converged"}.
+    It stops when both ends of the bracket are within noise of zero: |f(x)| <= max(stderr(x), tol) at each
+    (``stderr``: the standard error of the measurement at an evaluated x; None = 0, so ``tol`` alone), or
+    when an end is exactly zero. Narrowing a bracket whose ends are both within their standard errors
+    only chases noise; interpolating between them (:func:`interpolate_at_zero`) is as good as it gets.
+
+    Returns {"x", "fx" (the bracket end nearest zero), "bracket": [[x, f(x)], [x, f(x)]] (the final bracket,
+    low x first, with the values as measured: Illinois' halved values steer the secant only), "history":
+    [[x, f(x)], ...], "converged" (the stopping rule holds)}.
     """
     if not f_lo * f_hi <= 0:
         raise ValueError(f"`lo`, `hi` must bracket a root, but f({lo}) = {f_lo} and f({hi}) = {f_hi}")
@@ -126,11 +159,20 @@ def find_root(f: Callable[[float], float], lo: float, hi: float, f_lo: float, f_
     def rounded(x: float) -> float:
         return float(f"{x:.{digits}g}") if log else round(x, digits)
 
+    def within(x: float, fx: float) -> bool:
+        return abs(fx) <= max(_finite_or_zero(stderr(x) if stderr is not None else None), tol)
+
     history = [[lo, f_lo], [hi, f_hi]]
-    a, fa, b, fb, side = lo, f_lo, hi, f_hi, 0
+    ends = [[lo, f_lo], [hi, f_hi]]  # the bracket as measured
+    fa, fb, side = f_lo, f_hi, 0  # the values the secant uses (Illinois halves the stale one)
+
+    def done() -> bool:
+        return all(within(x, fx) for x, fx in ends) or any(fx == 0 for _, fx in ends)
+
     for _ in range(iterations):
-        if min(abs(fa), abs(fb)) <= tol:
+        if done():
             break
+        (a, _), (b, _) = ends
         x = rounded(from_u((to_u(a) * fb - to_u(b) * fa) / (fb - fa)))
         if x in (a, b) or not min(a, b) < x < max(a, b):
             x = rounded(from_u((to_u(a) + to_u(b)) / 2))
@@ -139,17 +181,52 @@ def find_root(f: Callable[[float], float], lo: float, hi: float, f_lo: float, f_
         fx = f(x)
         history.append([x, fx])
         if fx * fb > 0:  # the root lies between a and x
-            b, fb = x, fx
+            ends[1], fb = [x, fx], fx
             if side == -1:
                 fa /= 2  # Illinois: halve the stale end so the secant does not creep
             side = -1
         else:
-            a, fa = x, fx
+            ends[0], fa = [x, fx], fx
             if side == 1:
                 fb /= 2
             side = 1
-    x, fx = min(history, key=lambda point: abs(point[1]))
-    return {"x": x, "fx": fx, "history": history, "converged": abs(fx) <= tol}
+    ends.sort(key=lambda point: point[0])
+    x, fx = min(ends, key=lambda point: abs(point[1]))
+    return {"x": x, "fx": fx, "bracket": [list(end) for end in ends], "history": history, "converged": done()}
+
+
+INTERPOLATED = ("log_loss", "log_loss_smoothed", "truncated_fraction", "gen_entropy", "distinct_2", "self_bleu",
+                "seq_rep_4")  # read at EntCE = 0 between the two measurements that bracket it
+
+
+def _lerp(a, b, weight: float):
+    """(1 - weight) a + weight b, where an end of weight 0 does not count (so inf * 0 is no NaN); None if
+    either is None (a key an old measurement lacks)."""
+    if a is None or b is None:
+        return None
+    return sum(c * v for c, v in ((1 - weight, a), (weight, b)) if c)
+
+
+def zero_weight(entce_lo: float, entce_hi: float) -> float:
+    """The weight w of the second of two measurements with EntCE of opposite signs at which the line
+    through them crosses EntCE = 0: (1 - w) entce_lo + w entce_hi = 0 (0.5 when both are 0)."""
+    if not entce_lo * entce_hi <= 0:
+        raise ValueError(f"`entce_lo`, `entce_hi` must have opposite signs, but are {entce_lo} and {entce_hi}")
+    return 0.5 if entce_lo == entce_hi else entce_lo / (entce_lo - entce_hi)
+
+
+def interpolate_at_zero(lo: dict, hi: dict) -> dict:
+    """The values of two measurements (summaries) whose EntCE brackets 0, read linearly in EntCE at EntCE = 0:
+    :data:`INTERPOLATED` and, where both have them, the per-prompt lists (prompt by prompt, the same
+    weight); returns them with "entce" 0, "weight" (of ``hi``) and "per_prompt" (None where a measurement
+    from an older journal lacks it)."""
+    weight = zero_weight(lo["entce"], hi["entce"])
+    out = {k: _lerp(lo.get(k), hi.get(k), weight) for k in INTERPOLATED}
+    out["truncating"] = any(r.get("truncating") for r, w in ((lo, 1 - weight), (hi, weight)) if w)
+    a, b = lo.get("per_prompt"), hi.get("per_prompt")
+    out["per_prompt"] = None if a is None or b is None else {
+        k: [_lerp(x, y, weight) for x, y in zip(a[k], b[k])] for k in a}
+    return {**out, "entce": 0.0, "weight": weight}
 
 
 @dataclass
@@ -165,36 +242,48 @@ class Comparison:
     results: dict[str, dict] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
     journal: Journal | None = None  # finished measurements on disk: a rerun resumes from them
+    specs_by_key: dict[str, str] = field(default_factory=dict)  # sampler key -> the spec it was measured as
 
     def run(self, spec: str, role: str) -> dict:
         if spec not in self.results:
             sampler = parse_sampler(spec, self.model)
-            key = journal_key(sampler)
-            result = self.journal.get(key) if self.journal else None
-            resumed = result is not None
-            if not resumed:
-                # Plain warpers read nothing but the logits, so the decoder pass may be reused.
-                reuse = reuse_decoder_pass(self.model, self.memo) if type(sampler) is Sampler else contextlib.nullcontext()
-                with reuse:
-                    result = measure(self.model, self.tokenizer, self.windows, [sampler], batch_size=self.batch_size,
-                                     seed=self.seed, progress=False)[spec]
-                result["self_bleu"] = self_bleu(result["samples"])
-                if self.journal:
-                    self.journal.add(key, result)
-            result["roles"] = []
-            self.results[spec] = result
-            loss = (f"log loss {result['log_loss']:.3f}" if math.isfinite(result["log_loss"]) else
-                    f"log loss inf ({100 * result['truncated_fraction']:.1f}% truncated), smoothed "
-                    f"{result['log_loss_smoothed']:.3f}")
-            self.log(f"[{len(self.results):2d}] {spec}: EntCE {result['entce']:+.3f}, {loss}, "
-                     f"{result['seconds']:.1f} s" + (" (from the journal)" if resumed else ""))
+            if sampler.key in self.specs_by_key:  # another spelling of a measured sampler: one measurement, named
+                first = self.specs_by_key[sampler.key]
+                self.log(f"{spec} is {first} (key {sampler.key}): not measured again")
+                self.results[spec] = self.results[first]
+            else:
+                self._measure(sampler)
         if role not in self.results[spec]["roles"]:
             self.results[spec]["roles"].append(role)
         return self.results[spec]
 
+    def _measure(self, sampler: Sampler) -> None:
+        """Measure ``sampler`` (or read it from the journal, by its key) into ``results``."""
+        result = self.journal.get(sampler.key) if self.journal else None
+        resumed = result is not None
+        if not resumed:
+            # Samplers that do not hook the model read nothing but the logits: the decoder pass may be reused.
+            reuse = contextlib.nullcontext() if sampler.hooks_model else reuse_decoder_pass(self.model, self.memo)
+            with reuse:
+                result = measure(self.model, self.tokenizer, self.windows, [sampler], batch_size=self.batch_size,
+                                 seed=self.seed, progress=False)[sampler.spec]
+            result["self_bleu"] = self_bleu(result["samples"])
+            if self.journal:
+                self.journal.add(sampler.key, result)
+        result["roles"], result["key"] = [], sampler.key
+        self.results[sampler.spec] = result
+        self.specs_by_key[sampler.key] = sampler.spec
+        loss = (f"log loss {result['log_loss']:.3f}" if math.isfinite(result["log_loss"]) else
+                f"log loss inf ({100 * result['truncated_fraction']:.1f}% truncated), smoothed "
+                f"{result['log_loss_smoothed']:.3f}")
+        self.log(f"[{len(self.results):2d}] {sampler.spec}: EntCE {result['entce']:+.3f}, {loss}, "
+                 f"{result['seconds']:.1f} s" + (" (from the journal)" if resumed else ""))
+
     def matched(self, name: str, spec_of: Callable[[float], str], points: dict[float, str],
                 search_range: tuple[float, float], iterations: int, tol: float, log: bool = False) -> dict:
-        """The knob value with EntCE = 0, starting from already measured ``points`` {value: spec}."""
+        """The knob's reading at EntCE = 0, starting from already measured ``points`` {value: spec}: a bracket
+        searched until both its ends are within their standard errors of 0 (``tol``: a floor under
+        them), and the values interpolated between its ends (:func:`matched_entry`)."""
         calls = 0
 
         def entce_at(value: float) -> float:
@@ -203,6 +292,9 @@ class Comparison:
             calls += spec not in self.results
             points[value] = spec
             return self.run(spec, "search")["entce"]
+
+        def stderr_at(value: float) -> float:
+            return self.results[points[value]].get("entce_stderr", math.nan)
 
         known = sorted((v, entce_at(v)) for v in list(points))
         for end in search_range:  # no sign change among the grid points: try the ends of the range
@@ -213,41 +305,121 @@ class Comparison:
         pairs = [(a, b) for a, b in zip(known, known[1:]) if a[1] * b[1] <= 0]
         if pairs:
             (lo, f_lo), (hi, f_hi) = min(pairs, key=lambda pair: abs(pair[0][1]) + abs(pair[1][1]))
-            found = find_root(entce_at, lo, hi, f_lo, f_hi, iterations, tol, log=log)
-            found["bracketed"] = True
+            found = find_root(entce_at, lo, hi, f_lo, f_hi, iterations, tol, log=log, stderr=stderr_at)
         else:
             x, fx = min(known, key=lambda point: abs(point[1]))
-            found = {"x": x, "fx": fx, "history": [list(p) for p in known], "converged": abs(fx) <= tol,
-                     "bracketed": False}
-        spec = points[found["x"]]
-        result = self.run(spec, f"matched {name}")
-        keys = ("entce", "log_loss", "log_loss_smoothed", "truncated_fraction", "truncating", "gen_entropy",
-                "distinct_2", "self_bleu", "seq_rep_4")
-        return {"knob": name, "value": found["x"], "spec": spec, **{k: result.get(k) for k in keys},
-                "converged": found["converged"], "bracketed": found["bracketed"], "history": found["history"],
-                "measure_calls": calls}
+            found = {"x": x, "fx": fx, "bracket": None, "history": [list(p) for p in known],
+                     "converged": abs(fx) <= max(tol, _finite_or_zero(stderr_at(x)))}
+        self.run(points[found["x"]], f"matched {name}")
+        entry = matched_entry(found, points, self.results, log)
+        return {"knob": name, **entry, "measure_calls": calls}
 
 
-def _calibrated_kind_available() -> bool:
-    if "calibrated" not in SAMPLER_KINDS:
-        return False
-    try:
-        importlib.import_module(".calibrator", __package__)
-    except ImportError:
-        return False
-    return True
+def _finite_or_zero(value: float | None) -> float:
+    """A standard error, or 0 where there is none (one prompt: NaN; None)."""
+    return value if _finite(value) else 0.0
+
+
+def matched_entry(found: dict, points: dict[float, str], results: dict[str, dict], log: bool = False) -> dict:
+    """A matched-entropy entry from :func:`find_root`'s answer: with a bracket, the values interpolated at
+    EntCE = 0 between its two measurements, the two specs, their EntCE and standard errors and the weight
+    (of the second); ``value`` and ``spec``: the measured end nearest zero (for what needs one set of
+    samples: MAUVE, the curves). Without a bracket, the values of the point nearest zero as measured."""
+    spec = points[found["x"]]
+    nearest = results[spec]
+    entry = {"value": found["x"], "spec": spec, "converged": found["converged"], "history": found["history"],
+             "bracketed": found["bracket"] is not None, "bracket": None, "weight": None, "value_at_zero": None}
+    if found["bracket"] is None:
+        keys = ("entce", *INTERPOLATED, "truncating", "per_prompt")
+        return {**entry, **{k: nearest.get(k) for k in keys}}
+    (x_lo, _), (x_hi, _) = found["bracket"]
+    lo, hi = results[points[x_lo]], results[points[x_hi]]
+    values = interpolate_at_zero(lo, hi)
+    to_u, from_u = (math.log, math.exp) if log else (float, float)
+    entry["value_at_zero"] = from_u(_lerp(to_u(x_lo), to_u(x_hi), values["weight"]))
+    entry["bracket"] = [{"spec": points[x], "value": x, "entce": r["entce"], "entce_stderr": r.get("entce_stderr")}
+                        for x, r in ((x_lo, lo), (x_hi, hi))]
+    return {**entry, **values}
+
+
+def bin_calibration(result: dict) -> dict:
+    """:func:`.metrics.per_bin_entce` of a measurement, on the log loss its EntCE uses (smoothed for truncating
+    samplers)."""
+    return per_bin_entce(result["per_step"], smoothed=bool(result.get("entce_uses_smoothed")))
+
+
+def seconds_per_token(result: dict) -> float:
+    """A measurement's wall time (its teacher-forced pass included) over the tokens it generated."""
+    tokens = sum(result["per_step"]["count"])
+    return result["seconds"] / tokens if tokens and result.get("seconds") is not None else math.nan
+
+
+def at_zero(entry: dict, results: dict[str, dict], value: Callable[[dict], object]):
+    """``value`` of a matched entry: of its nearest point, or interpolated between its bracket's two ends
+    (lists element by element) with the entry's weight."""
+    if entry.get("bracket") is None:
+        return value(results[entry["spec"]])
+    lo, hi = (value(results[end["spec"]]) for end in entry["bracket"])
+    if isinstance(lo, list):
+        return [_lerp(a, b, entry["weight"]) for a, b in zip(lo, hi)]
+    return _lerp(lo, hi, entry["weight"])
+
+
+def paired_difference(method: dict, reference: dict) -> dict:
+    """Log loss of ``method`` minus ``reference`` (summaries or matched entries), and its standard error
+    paired over prompts (NaN where either lacks ``per_prompt``: an older journal's measurement). Truncating
+    methods (infinite log loss) are compared on the smoothed log loss (``smoothed`` True)."""
+    smoothed = not (math.isfinite(method["log_loss"]) and math.isfinite(reference["log_loss"]))
+    key = "log_loss_smoothed" if smoothed else "log_loss"
+    out = {"difference": method[key] - reference[key], "stderr": math.nan, "smoothed": smoothed, "prompts": 0}
+    a, b = method.get("per_prompt"), reference.get("per_prompt")
+    if a is None or b is None or len(a[key]) != len(b[key]):
+        return out
+    d = [x - y for x, y in zip(a[key], b[key])]
+    n = len(d)
+    out["prompts"] = n
+    if n > 1:
+        mean = sum(d) / n
+        out["stderr"] = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    return out
+
+
+def equal_entropy(results: dict[str, dict], matched: dict[str, dict]) -> dict:
+    """Every method at EntCE = 0 read against temperature there: each matched knob (interpolated) and each
+    schedule (role "schedule", calibrated by construction, as measured). Per row: log loss and its paired
+    difference to temperature's interpolated log loss, distinct-2, seq-rep-4, the largest per-bin |EntCE|
+    and seconds per generated token. {"reference": temperature's spec or None (no bracket), "rows"}."""
+    reference = matched.get("temperature")
+    if reference is not None and not reference["bracketed"]:
+        reference = None
+    methods = [(name, entry, "matched") for name, entry in matched.items()]
+    methods += [(spec, {**r, "spec": spec, "bracket": None}, "schedule") for spec, r in results.items()
+                if "schedule" in r["roles"]]
+    rows = {}
+    for name, entry, kind in methods:
+        bins = at_zero(entry, results, lambda r: bin_calibration(r)["entce"])
+        finite = [abs(e) for e in bins if not math.isnan(e)]
+        row = {"kind": kind, "spec": entry["spec"], "entce": entry["entce"], "entce_stderr": entry.get("entce_stderr"),
+               **{k: entry.get(k) for k in ("log_loss", "log_loss_smoothed", "truncating", "distinct_2", "seq_rep_4")},
+               "per_bin_entce": bins, "max_abs_bin_entce": max(finite) if finite else math.nan,
+               "seconds_per_token": at_zero(entry, results, seconds_per_token)}
+        paired = paired_difference(entry, reference) if reference is not None else {}
+        row.update({f"paired_{k}": paired.get(k, v) for k, v in
+                    (("difference", math.nan), ("stderr", math.nan), ("smoothed", False), ("prompts", 0))})
+        rows[name] = row
+    return {"reference": None if reference is None else reference["spec"], "rows": rows}
 
 
 def journal_key(sampler: Sampler) -> str:
-    """A measurement's key in a journal. A hooked sampler's key names what it loaded (a calibrated head's
-    spec carries a digest of the head's files), so a refitted head is measured again while the rest of
+    """A measurement's key in a journal: the sampler's key (samplers.py), which spells out every option and,
+    for a calibrated head, a digest of its files, so a refitted head is measured again while the rest of
     the journal stands."""
-    return sampler.spec if type(sampler) is Sampler else describe_processors(sampler.processors)
+    return sampler.key
 
 
 def run_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Window], seed: int, **settings) -> str:
     """What every number of a run depends on, hashed (``settings``: the rest, JSON-able): the journal of
-    another run is refused. Head files are not part of it: :func:`journal_key` carries their digest."""
+    another run is refused. Head files are not part of it: each sampler's key carries their digest."""
     return fingerprint({"model": {**model_fingerprint(model), "weights": weights_digest(model)},
                         "device": model.device.type, "tokenizer": tokenizer_fingerprint(tokenizer),
                         "windows": windows_digest(windows), "seed": seed, **settings})
@@ -260,21 +432,58 @@ def comparison_fingerprint(model: PreTrainedModel, tokenizer, windows: list[Wind
                            preset=asdict(preset))
 
 
+def head_sweeps(model: PreTrainedModel, heads: list[str], preset: Preset) -> list[tuple[str, dict[float, str]]]:
+    """(head, {scale: spec}) of each head: as fitted (scale 1) and the preset's sweep. Each head is loaded
+    against the model here, so that a mistyped folder fails before the hours of the grid; a head named
+    twice is refused."""
+    resolve_samplers([f"calibrated:{head}" for head in heads], model)
+    sweeps = []
+    for head in heads:
+        sweep = {1.0: f"calibrated:{head}"}
+        for scale in preset.scale:
+            sweep.setdefault(float(scale), f"calibrated:{head}:scale={scale:g}")
+        sweeps.append((head, sweep))
+    return sweeps
+
+
+def schedule_specs(model: PreTrainedModel, tokenizer, schedules: list[str], preset: Preset) -> list[str]:
+    """The ``schedule:FILE`` spec of each schedule file, every file checked first against the model, the
+    tokenizer and the preset's generation length (a schedule fitted for another model, head or T is
+    refused before anything is measured), and each sampler built once (its head loads; a file named twice
+    is refused)."""
+    for file in schedules:
+        load_schedule(file, model, tokenizer, max_new_tokens=preset.max_new_tokens)
+    specs = [f"schedule:{file}" for file in schedules]
+    resolve_samplers(specs, model, preset.max_new_tokens)
+    return specs
+
+
 def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit_windows: list[Window] | None,
                    preset: Preset, heads: list[str] = (), seed: int = 0, log: Callable[[str], None] | None = None,
-                   journal: str | Path | None = None) -> dict:
-    """Run the whole comparison; returns {"samplers", "matched", "lookahead", "mauve", "notes"}.
+                   journal: str | Path | None = None, schedules: list[str] = ()) -> dict:
+    """Run the whole comparison; returns {"samplers", "matched", "equal_entropy", "lookahead", "mauve", "notes"}.
+
+    ``schedules``: schedule files (``fit --out FILE``), each measured as a ``schedule:FILE`` sampler (role
+    "schedule") and read against temperature at EntCE = 0 in "equal_entropy" (:func:`equal_entropy`).
 
     ``fit_windows`` (fit split) fit the lookahead's alpha; None skips the lookahead. ``journal``: a
     ``measurements.jsonl`` path (:mod:`.journal`); finished measurements are kept there as they complete
     and an interrupted comparison rerun with the same arguments picks them up instead of measuring again.
+    Every spec and head folder is checked before anything is measured or written.
     """
+    resolve_samplers(grid_specs(preset))
+    sweeps = head_sweeps(model, heads, preset)
+    schedule_list = schedule_specs(model, tokenizer, schedules, preset)
     runner = Comparison(model, tokenizer, windows, seed=seed, batch_size=preset.batch_size)
     if journal is not None:
         runner.journal = Journal(journal, comparison_fingerprint(model, tokenizer, windows, fit_windows, preset, seed))
     if log is not None:
         runner.log = log
     notes: list[str] = []
+    if not mauve_available():  # said before hours of measuring, not after
+        notes.append("MAUVE skipped: the optional `mauve-text` package is missing (pip install "
+                     "'calibrated-sampling[mauve]')")
+        runner.log(notes[-1])
     for spec in grid_specs(preset):
         runner.run(spec, "grid")
 
@@ -292,23 +501,11 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
         lookahead["spec"] = f"lookahead:alpha={lookahead['alpha']:.4g}:top={preset.lookahead_top}"
         runner.run(lookahead["spec"], "lookahead")
 
-    head_knobs = []
-    if heads and not _calibrated_kind_available():
-        notes.append("calibrated heads skipped: the `calibrated` sampler kind is not registered")
-        heads = []
-    for head in heads:
-        fitted = f"calibrated:{head}"
-        try:
-            runner.run(fitted, "calibrated")
-            sweep = {1.0: fitted}
-            for scale in preset.scale:
-                sweep[float(scale)] = f"calibrated:{head}:scale={scale:g}"
-                runner.run(sweep[float(scale)], "calibrated")
-        except (ValueError, FileNotFoundError) as error:
-            notes.append(f"head {head!r} skipped: {error}")
-            runner.log(notes[-1])
-            continue
-        head_knobs.append((head, sweep))
+    for _, sweep in sweeps:
+        for spec in sweep.values():
+            runner.run(spec, "calibrated")
+    for spec in schedule_list:
+        runner.run(spec, "schedule")
 
     matched = {}
     for name, (identity, search_range, log) in KNOBS.items():
@@ -317,23 +514,28 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
             points[identity] = "base"
         matched[name] = runner.matched(name, lambda v, name=name: f"{name}={v:g}", points, search_range,
                                        preset.search_iterations, preset.tolerance, log)
-    for head, sweep in head_knobs:
+    for head, sweep in sweeps:
         name = f"calibrated {Path(head).name} scale"
         matched[name] = runner.matched(name, lambda v, head=head: f"calibrated:{head}:scale={v:g}", dict(sweep),
                                        SCALE_RANGE, preset.search_iterations, preset.tolerance)
 
-    mauve_info = add_mauve(runner.results, model, tokenizer, windows, preset.batch_size, seed)
+    mauve_info = None
+    if mauve_available():
+        mauve_info = add_mauve(runner.results, model, tokenizer, windows, preset.batch_size, seed)
     for entry in matched.values():
         entry["mauve"] = runner.results[entry["spec"]].get("mauve")
-    return {"samplers": runner.results, "matched": matched, "lookahead": lookahead, "mauve": mauve_info,
-            "notes": notes, "preset": asdict(preset)}
+    equal = equal_entropy(runner.results, matched)
+    if equal["reference"] is None:
+        notes.append("no EntCE = 0 bracket for temperature: the equal-entropy table has no log-loss differences")
+    return {"samplers": runner.results, "matched": matched, "equal_entropy": equal, "lookahead": lookahead,
+            "mauve": mauve_info, "notes": notes, "preset": asdict(preset)}
 
 
 def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windows: list[Window], batch_size: int,
               seed: int) -> dict:
     """MAUVE of every sampler except pure search points against the human continuations (``mauve`` key; NaN
     for search points and empty sets)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     human = text_features(model, [w.continuation_ids for w in windows], batch_size, pad_id)
     for result in results.values():
         result["mauve"] = math.nan
@@ -347,158 +549,17 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
             "num_clusters": max(2, round(len(windows) / 10)), "scale": 5.0, "human_texts": len(windows)}
 
 
-# --- report: results.json, report.md, plots ------------------------------------------------------
-
-EXTRA_KEYS = ("self_bleu", "mauve", "roles", "truncating")
-
-
-def family(spec: str) -> tuple[str, float | None]:
-    """(family, knob value) of a spec: ("temperature", 0.9), ("base", None), ("lookahead", alpha), ..."""
-    if spec == "base":
-        return "base", None
-    if spec.startswith("calibrated:"):
-        parts = spec.split(":")
-        scale = next((float(p.split("=", 1)[1]) for p in parts[2:] if p.startswith("scale=")), 1.0)
-        return f"calibrated {Path(parts[1]).name}", scale
-    if spec.startswith("lookahead:"):
-        return "lookahead", next((float(p.split("=", 1)[1]) for p in spec.split(":") if p.startswith("alpha=")), None)
-    name, _, value = spec.partition("=")
-    try:
-        return name, float(value)
-    except ValueError:
-        return spec, None
-
-
-def _fmt(value, digits: int = 3, sign: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _loss_cells(r: dict) -> list[str]:
-    """log loss (inf for truncating samplers), truncated fraction, smoothed log loss (labelled with †)."""
-    smoothed = _fmt(r["log_loss_smoothed"]) + ("†" if r.get("truncating") else "")
-    return [_fmt(r["log_loss"]), f"{100 * r['truncated_fraction']:.1f}%", smoothed]
-
-
-def format_comparison(payload: dict) -> str:
-    """report.md: the sampler table, the matched-EntCE table and notes (markdown, readable as plain text)."""
-    header = ["sampler", "log loss", "truncated", "smoothed log loss", "gen entropy", "EntCE", "± se", "distinct-2",
-              "self-BLEU", "seq-rep-4", "MAUVE"]
-    lines = ["## Samplers (same prompts and seed)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for spec, r in payload["samplers"].items():
-        if r.get("roles") == ["search"]:
-            continue
-        cells = [spec, *_loss_cells(r), _fmt(r["gen_entropy"]), _fmt(r["entce"], sign=True) + (
-            "*" if r.get("entce_uses_smoothed") else ""), _fmt(r.get("entce_stderr")), _fmt(r["distinct_2"]),
-            _fmt(r.get("self_bleu")), _fmt(r["seq_rep_4"]), _fmt(r.get("mauve"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    header = ["knob", "setting", "EntCE", "log loss", "truncated", "smoothed log loss", "distinct-2", "self-BLEU",
-              "MAUVE", "measure calls", "converged"]
-    lines += ["", "## Matched entropy: the setting of each knob with EntCE = 0", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, m in payload.get("matched", {}).items():
-        state = "yes" if m["converged"] else ("no (closest point)" if m["bracketed"] else "no bracket")
-        cells = [name, m["spec"], _fmt(m["entce"], sign=True), *_loss_cells(m), _fmt(m["distinct_2"]),
-                 _fmt(m["self_bleu"]), _fmt(m.get("mauve")), str(m["measure_calls"]), state]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "† smoothed log loss -log((1 - 1e-4) q + 1e-4 p): truncating samplers give human tokens "
-              "probability 0, so their true log loss is infinite; * EntCE uses the smoothed log loss.",
-              "Self-BLEU: higher = generations more alike. MAUVE: k-means histograms of the model's own "
-              "mean-pooled hidden states, generations vs human continuations (1 = indistinguishable)."]
-    lookahead = payload.get("lookahead")
-    if lookahead:
-        lines.append(f"Lookahead alpha {lookahead['alpha']:+.4f} fitted on {lookahead['tokens']} fit-split tokens "
-                     f"(top {lookahead['top']}): human log loss {lookahead['log_loss_alpha0']:.4f} -> "
-                     f"{lookahead['log_loss']:.4f}.")
-    lines += [f"Note: {note}" for note in payload.get("notes", [])]
-    return "\n".join(lines)
-
-
-def plot_frontiers(payload: dict, out_dir: Path) -> list[Path]:
-    """frontier_logloss.png (EntCE vs log loss, smoothed for truncating samplers) and frontier_diversity.png
-    (EntCE vs distinct-2 and vs self-BLEU). Each family is a line through its settings."""
-    from .report import plt
-
-    families: dict[str, list[tuple[float, dict, str]]] = {}
-    for spec, r in payload["samplers"].items():
-        name, value = family(spec)
-        families.setdefault(name, []).append((value if value is not None else 0.0, r, spec))
-    for name, (identity, _, _) in KNOBS.items():  # base is the end of the temperature and top-p lines
-        if identity is not None and name in families and "base" in payload["samplers"]:
-            families[name].append((identity, payload["samplers"]["base"], "base"))
-    matched = {m["spec"] for m in payload.get("matched", {}).values()}
-    paths = []
-    # The truncating samplers' smoothed log losses spread far to the right of the others, so the log-loss
-    # figure has a second panel with only the untruncated families, on their own (narrow) log-loss range.
-    panels = [("frontier_logloss.png", [("log loss (smoothed for truncating samplers: hollow, dotted)", None, False),
-                                        ("log loss, untruncated samplers only", None, True)]),
-              ("frontier_diversity.png", [("distinct-2 (higher = more diverse)", "distinct_2", False),
-                                          ("self-BLEU (lower = more diverse)", "self_bleu", False)])]
-    for filename, axes_spec in panels:
-        fig, axes = plt.subplots(1, len(axes_spec), figsize=(7 * len(axes_spec), 5), squeeze=False)
-        for ax, (label, key, untruncated_only) in zip(axes[0], axes_spec):
-            for i, (name, points) in enumerate(sorted(families.items())):
-                points.sort(key=lambda p: p[0])
-                truncating = any(r.get("truncating") for _, r, _ in points)
-                if truncating and untruncated_only:
-                    continue
-                xs = [(r["log_loss_smoothed"] if r.get("truncating") else r["log_loss"]) if key is None else r.get(key)
-                      for _, r, _ in points]
-                ys = [r["entce"] for _, r, _ in points]
-                style = dict(color=f"C{i % 10}", marker="*" if name == "base" else "o", ms=14 if name == "base" else 5,
-                             zorder=5 if name == "base" else 2)
-                legend = name + (" (smoothed)" if truncating and key is None else "")
-                ax.plot(xs, ys, ":" if truncating else "-", label=legend,
-                        markerfacecolor="none" if truncating and key is None else style["color"], **style)
-                for x, y, (_, _, spec) in zip(xs, ys, points):
-                    if spec in matched:
-                        ax.plot([x], [y], "D", ms=9, markerfacecolor="none", markeredgecolor="black")
-            ax.axhline(0.0, color="gray", lw=0.8)
-            ax.set_xlabel(label)
-            ax.set_ylabel("EntCE = generation entropy - log loss (nats)")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle("EntCE frontier (black diamonds: matched EntCE = 0 settings)")
-        fig.tight_layout()
-        fig.savefig(out_dir / filename, dpi=120)
-        plt.close(fig)
-        paths.append(out_dir / filename)
-    return paths
-
-
-def write_comparison(out_dir: str | Path, payload: dict, model: str, data: str, settings: dict,
-                     tokenizer=None, title: str = "") -> dict[str, Path]:
-    """results.json (measure's shape plus "matched", "lookahead", "mauve", "notes"), samples.jsonl,
-    report.md, curves.png and the two frontier plots. Returns the paths by name."""
-    import json
-    import os
-
-    from .report import RESULT_KEYS, plot_curves
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    samplers = {spec: {k: r[k] for k in (*RESULT_KEYS, *EXTRA_KEYS) if k in r}
-                for spec, r in payload["samplers"].items()}
-    body = {"model": model, "data": data, "settings": settings, "samplers": samplers,
-            **{k: payload.get(k) for k in ("matched", "lookahead", "mauve", "notes", "preset")}}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))  # inf / NaN as JSON5-style literals
-    os.replace(tmp, out / "results.json")
-    if tokenizer is not None:
-        with open(out / "samples.jsonl", "w") as handle:
-            for spec, result in payload["samplers"].items():
-                for i, ids in enumerate(result.get("samples", [])):
-                    handle.write(json.dumps({"sampler": spec, "prompt": i, "text": tokenizer.decode(ids)}) + "\n")
-    (out / "report.md").write_text(f"# {title or 'Sampler comparison'}\n\n" + format_comparison(body) + "\n")
-    # The curve plot keeps to a few lines: base, the matched settings, the lookahead and the heads as fitted.
-    shown = ["base", *(m["spec"] for m in body["matched"].values())]
-    shown += [s for s, r in payload["samplers"].items()
-              if "lookahead" in r["roles"] or ("calibrated" in r["roles"] and ":scale=" not in s)]
-    curves = {s: payload["samplers"][s] for s in dict.fromkeys(shown)}
-    paths = {"results": out / "results.json", "report": out / "report.md",
-             "curves": plot_curves(curves, out / "curves.png", title=title)}
-    paths.update(zip(("frontier_logloss", "frontier_diversity"), plot_frontiers(body, out)))
-    return paths
+def family(key: str) -> tuple[str, float | None]:
+    """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
+    ("lookahead", alpha), ("calibrated NAME", scale); a composition is its own family, without a value."""
+    kind, sep, _ = key.partition(":")
+    if sep and kind == "calibrated":
+        head_dir, options = parse_calibrated(key)
+        return f"calibrated {Path(head_dir).name}", options["scale"]
+    if sep and kind == "lookahead":
+        alpha = parse_lookahead(key)["alpha"]
+        return "lookahead", None if alpha == "fit" else alpha
+    name, _, value = key.partition("=")
+    if name not in WARPERS or "+" in key:
+        return key, None
+    return name, float(value)

@@ -1,4 +1,4 @@
-"""Fitting the calibration weights: per-bin convex minimisation of human log loss (DESIGN.md section 2).
+"""Fitting the calibration weights: per-bin convex minimisation of human log loss (docs/design.md, *The fit*).
 
 The calibrated distribution at generation step t (0-based), remaining horizon k = T - 1 - t, bin
 j = t // bin_size:
@@ -20,47 +20,46 @@ Memory. Log p and F are (N, V): 30,000 human tokens of a 49,152-token vocabulary
 float64 each, too much to hold. The fit therefore streams over chunks of rows and recomputes both
 from the cached hidden states at every Newton pass; one pass over the data serves all bins.
 
-Bin size and backward order. The default bin is 32 steps. With T = 256 that is 8 bins, the
-resolution at which the base model's drift was measured (entropy 3.32 -> 3.81 nats over 32-step
-bins, rising smoothly), so a piecewise-constant schedule follows the drift to within about a
-sixteenth of its range; and a fit set of 100-200 prompts puts 3,000-6,000 human tokens in each bin,
-so the one or two weights of a bin are pinned down well (their standard error falls as 1 / sqrt of
-the bin's tokens) and the held-out cost of fitting them (about weights / (2 tokens) nats) is
-negligible. Smaller bins need more prompts; short generations want smaller bins (T = 64: 8 steps).
-The paper's proof fits the last step first (F = 0 there, so it is a pure temperature), computes F
-under that adjusted step, fits the step before, and so on back to step 0: each step's F must
-describe the model as adjusted at every later step, and then the per-step optimality conditions
+Bin size and backward order. The default bin is 32 steps: with T = 256 that is 8 bins, fine enough
+for a piecewise-constant schedule to follow a drift that rises smoothly with the step (the base
+model's per-step entropy curve, ``per_step`` in a ``measure`` run's results.json, shows how it rises),
+and coarse enough that a fit set of 100-200 prompts puts thousands of human tokens in each bin, so the
+one or two weights of a bin are pinned down well (their standard error falls as 1 / sqrt of the bin's
+tokens) and the held-out cost of fitting them (about weights / (2 tokens) nats) is negligible.
+Smaller bins need more prompts; short generations want smaller bins (T = 64: 8 steps). The paper's
+proof fits the last step first (F = 0 there, so it is a pure temperature), computes F under that
+adjusted step, fits the step before, and so on back to step 0: each step's F must describe the
+model as adjusted at every later step, and then the per-step optimality conditions
 telescope into total human log loss = total entropy of generations. With F from a head, the bins
 decouple: given the head's F, bin j's loss depends on (a_j, b_j) alone, so all bins are fitted at
 once and their order is immaterial. The backward dependence lives in F itself, which the head
 predicts for the model it was labelled with; the chain is realised by rounds -- fit, relabel with
 the calibrated model, retrain the head, refit -- whose fixed point meets every step's condition with
 F under the adjusted model. :func:`exact_markov_calibration` runs both schemes exactly on a Markov
-chain, where F can be computed by dynamic programming. What it shows (tests/test_fit.py): the backward
-sweep gives |EntCE| < 1e-8; one round with F of the base misses by ~0.02 nats, with per-step and
-global weights alike; a global alpha iterated over rounds to its fixed point is calibrated too (its
-tied gradient is the sum of the per-step conditions divided by 1 + alpha, and that sum telescopes),
-but at a higher log loss than per-step weights.
+chain, where F can be computed by dynamic programming. What it shows (tests/test_fit.py asserts the
+bounds): the backward sweep is calibrated to rounding; one round with F of the base is not, with
+per-step and global weights alike; a global alpha iterated over rounds to its fixed point is
+calibrated too (its tied gradient is the sum of the per-step conditions divided by 1 + alpha, and that
+sum telescopes), but at a higher log loss than per-step weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .calibrator import check_calibration
-from .data import Window
-from .measure import batch_windows
+from .calibrator import FORMS, check_calibration
+from .data import Window, batch_windows, cut_windows, left_padded_positions
+from .models import pad_token_id
 
-FORMS = ("tied", "untied", "global")
 DEFAULT_BIN_SIZE = 32  # steps per bin; see the module docstring
 MIN_BIN_TOKENS = 1000  # fewer human tokens than this in a bin draws a warning
 STEP_SIZES = (1.0, 0.5, 0.25)  # fractions of the Newton step tried in one pass
@@ -94,40 +93,123 @@ def _row_stats(logp: torch.Tensor, future: torch.Tensor, target: torch.Tensor, a
 
 
 @torch.no_grad()
-def _pass(chunks: Callable[[], Iterable[Chunk]], ab: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One pass over the data: weighted per-bin sums of the row stats for each of K candidate weights.
+def _bin_sums(chunks: Callable[[], Iterable[Chunk]], ab: torch.Tensor, dtype: torch.dtype, num_groups: int | None = None,
+              keys: tuple[str, ...] = SUM_KEYS) -> dict[str, torch.Tensor]:
+    """One pass over the data: weighted sums of the row stats ``keys`` for each of K candidate weights.
 
-    ab: (num_bins, K, 2) candidate (a, b) per bin -> {key: (num_bins, K)} float64 sums on the CPU.
+    ab: (num_bins, K, 2) candidate (a, b) per bin -> {key: (num_groups, K)} float64 sums on the CPU. The
+    chunks' group column is the bin, or with ``num_groups`` any finer grouping whose bin is
+    ``group % num_bins`` (the entropy-matched fit sums per prompt and bin: group = prompt * num_bins + bin).
     """
     num_bins, count, _ = ab.shape
-    acc = None  # (K, keys, num_bins) on the data's device: one transfer at the end, not one per chunk
-    for logp, future, target, bins, weight in chunks():
+    num_groups = num_bins if num_groups is None else num_groups
+    totals = None  # (K, keys, num_groups) on the data's device: one transfer at the end, not one per chunk
+    for logp, future, target, groups, weight in chunks():
         device = logp.device
         # Per-row shifts change neither q nor the loss; these make a row of constant F exactly 0 (so an
         # unidentified b gets an exactly zero gradient instead of rounding noise) and keep the values small.
         logp = logp.to(dtype) - logp.to(dtype).amax(-1, keepdim=True)
-        future = future.to(dtype) - future.to(dtype).amin(-1, keepdim=True)
-        target, bins = target.to(device).long(), bins.to(device).long()
+        if future is None:  # F = 0: a temperature-only fit
+            future = torch.zeros((), dtype=dtype, device=device).expand_as(logp)
+        else:
+            future = future.to(dtype) - future.to(dtype).amin(-1, keepdim=True)
+        target, groups = target.to(device).long(), groups.to(device).long()
         weight = torch.ones(len(target), dtype=dtype, device=device) if weight is None else weight.to(device, dtype)
-        if acc is None:
-            acc = torch.zeros(count, len(SUM_KEYS), num_bins, dtype=dtype, device=device)
-        cands = ab.to(device, dtype)[bins]  # (n, K, 2)
+        if totals is None:
+            totals = torch.zeros(count, len(keys), num_groups, dtype=dtype, device=device)
+        row_ab = ab.to(device, dtype)[groups % num_bins]  # (n, K, 2): the candidates of each row's bin
         for c in range(count):
-            stats = _row_stats(logp, future, target, cands[:, c, 0], cands[:, c, 1])
+            stats = _row_stats(logp, future, target, row_ab[:, c, 0], row_ab[:, c, 1])
             stats["weight"] = torch.ones_like(weight)
-            acc[c].index_add_(1, bins, torch.stack([stats[key] for key in SUM_KEYS]) * weight)
-    if acc is None:
-        acc = torch.zeros(count, len(SUM_KEYS), num_bins)
-    acc = acc.double().cpu()
-    return {key: acc[:, i].T.contiguous() for i, key in enumerate(SUM_KEYS)}
+            totals[c].index_add_(1, groups, torch.stack([stats[key] for key in keys]) * weight)
+    if totals is None:
+        totals = torch.zeros(count, len(keys), num_groups)
+    totals = totals.double().cpu()
+    return {key: totals[:, i].T.contiguous() for i, key in enumerate(keys)}
 
 
-def _parametrisation(form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b) = offset + J theta: returns J (2, P), offset (2,), theta at the base model (P,)."""
-    one = {"dtype": torch.float64}
-    if form == "untied":
-        return torch.eye(2, **one), torch.zeros(2, **one), torch.tensor([1.0, 0.0], **one)
-    return torch.ones(2, 1, **one), torch.tensor([1.0, 0.0], **one), torch.zeros(1, **one)
+@dataclass(frozen=True)
+class _Parametrisation:
+    """The weights of every bin as (a, b) = offset + J theta[group of the bin]: bins of one group share theta."""
+
+    jac: torch.Tensor  # J (2, P)
+    offset: torch.Tensor  # (2,)
+    theta0: torch.Tensor  # (P,): the base model, (a, b) = (1, 0)
+    group_of_bin: torch.Tensor  # (num_bins,)
+    groups: int  # G
+
+    @classmethod
+    def of(cls, form: str, num_bins: int) -> _Parametrisation:
+        one = {"dtype": torch.float64}
+        if form == "untied":  # theta = (a, b)
+            jac, offset, theta0 = torch.eye(2, **one), torch.zeros(2, **one), torch.tensor([1.0, 0.0], **one)
+        else:  # tied and global: theta = alpha, (a, b) = (1 + alpha, alpha)
+            jac, offset, theta0 = torch.ones(2, 1, **one), torch.tensor([1.0, 0.0], **one), torch.zeros(1, **one)
+        if form == "global":
+            return cls(jac, offset, theta0, torch.zeros(num_bins, dtype=torch.long), 1)
+        return cls(jac, offset, theta0, torch.arange(num_bins), num_bins)
+
+    def weights(self, theta: torch.Tensor) -> torch.Tensor:
+        """(G, K, P) parameters -> (num_bins, K, 2) weights (a, b)."""
+        return (self.offset + theta @ self.jac.T)[self.group_of_bin]
+
+
+@dataclass
+class _Evaluation:
+    """The human log loss of every group of bins at K candidate parameters, with its derivatives."""
+
+    theta: torch.Tensor  # (G, K, P) the candidates
+    sums: dict[str, torch.Tensor]  # per-bin weighted sums of the row stats (SUM_KEYS), (num_bins, K) each
+    loss: torch.Tensor  # (G, K) mean loss of the group's rows
+    grad: torch.Tensor  # (G, K, P)
+    hess: torch.Tensor  # (G, K, P, P)
+
+    def best(self, group_of_bin: torch.Tensor) -> _Evaluation:
+        """The evaluation at each group's lowest-loss candidate (K = 1)."""
+        pick = self.loss.argmin(1)  # (G,)
+        groups, bins = torch.arange(len(pick)), torch.arange(len(group_of_bin))
+        return _Evaluation(self.theta[groups, pick][:, None],
+                           {key: value[bins, pick[group_of_bin]][:, None] for key, value in self.sums.items()},
+                           self.loss[groups, pick][:, None], self.grad[groups, pick][:, None],
+                           self.hess[groups, pick][:, None])
+
+
+def _evaluate(chunks: Callable[[], Iterable[Chunk]], param: _Parametrisation, theta: torch.Tensor,
+              dtype: torch.dtype) -> _Evaluation:
+    """One pass over the data at candidates theta (G, K, P): per-bin sums, and per group the mean loss
+    with its gradient and Hessian in theta (the chain rule through J)."""
+    sums = _bin_sums(chunks, param.weights(theta), dtype)
+    group_sums = {key: torch.zeros(param.groups, theta.shape[1], dtype=torch.float64)
+                  .index_add_(0, param.group_of_bin, value) for key, value in sums.items()}
+    weight = group_sums["weight"].clamp(min=1e-300)
+    grad = torch.stack([group_sums["grad_a"], group_sums["grad_b"]], -1) / weight[..., None]  # (G, K, 2)
+    hess = torch.stack([torch.stack([group_sums["h_aa"], group_sums["h_ab"]], -1),
+                        torch.stack([group_sums["h_ab"], group_sums["h_bb"]], -1)], -2) / weight[..., None, None]
+    return _Evaluation(theta, sums, group_sums["loss"] / weight, grad @ param.jac, param.jac.T @ hess @ param.jac)
+
+
+def _newton_direction(grad: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:
+    """-H^-1 g per group, (G, P) from (G, P) and (G, P, P)."""
+    # Tiny damping: F constant over v (or 0 at the last step) leaves b unidentified; it then stays put.
+    damping = 1e-9 * hess.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    eye = torch.eye(hess.shape[-1], dtype=torch.float64)
+    return -torch.linalg.solve(hess + damping[:, None, None] * eye, grad[..., None])[..., 0]
+
+
+def _keep_decreases(point: _Evaluation, trial: _Evaluation, converged: torch.Tensor,
+                    group_of_bin: torch.Tensor) -> tuple[_Evaluation, torch.Tensor]:
+    """Every unconverged group whose best trial candidate lowers its loss moves there; the others stay.
+    Returns the new point (K = 1) and which groups moved (G,)."""
+    best = trial.best(group_of_bin)
+    moved = (best.loss[:, 0] < point.loss[:, 0]) & ~converged
+
+    def choose(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+    return _Evaluation(choose(moved, best.theta, point.theta),
+                       {key: choose(moved[group_of_bin], value, point.sums[key]) for key, value in best.sums.items()},
+                       choose(moved, best.loss, point.loss), choose(moved, best.grad, point.grad),
+                       choose(moved, best.hess, point.hess)), moved
 
 
 def _means(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,69 +240,48 @@ def fit_bins(chunks: Callable[[], Iterable[Chunk]], num_bins: int, form: str = "
         raise ValueError(f"`form` must be one of {', '.join(FORMS)}, but is {form!r}")
     if not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"`num_bins` must be a positive integer, but is {num_bins!r}")
-    jac, offset, theta0 = _parametrisation(form)
-    groups = 1 if form == "global" else num_bins  # bins that share their weights form one group
-    group_of_bin = torch.zeros(num_bins, dtype=torch.long) if form == "global" else torch.arange(num_bins)
-    params = jac.shape[1]
-
-    def evaluate(cands: torch.Tensor):  # (G, K, P) -> per-bin sums, group loss (G, K), grad (G, K, P), hess
-        ab = (offset + cands @ jac.T)[group_of_bin]  # (num_bins, K, 2)
-        sums = _pass(chunks, ab, dtype)
-        g = {key: torch.zeros(groups, cands.shape[1], dtype=torch.float64).index_add_(0, group_of_bin, value)
-             for key, value in sums.items()}
-        weight = g["weight"].clamp(min=1e-300)
-        grad = torch.stack([g["grad_a"], g["grad_b"]], -1) / weight[..., None]  # (G, K, 2)
-        hess = torch.stack([torch.stack([g["h_aa"], g["h_ab"]], -1),
-                            torch.stack([g["h_ab"], g["h_bb"]], -1)], -2) / weight[..., None, None]
-        return sums, g["loss"] / weight, grad @ jac, jac.T @ hess @ jac
-
+    param = _Parametrisation.of(form, num_bins)
     bar = tqdm(total=max_iter + 1, unit="pass", desc="fit", disable=not progress)
-    theta = theta0.expand(groups, params).clone()
-    sums, loss, grad, hess = evaluate(theta[:, None])
-    if not all(torch.isfinite(v).all() for v in sums.values()):
+
+    # 1. The base model, (a, b) = (1, 0): the starting point, and the loss the fit never exceeds.
+    point = _evaluate(chunks, param, param.theta0.expand(param.groups, 1, -1).clone(), dtype)
+    if not all(torch.isfinite(v).all() for v in point.sums.values()):
         raise ValueError("the fit data give a non-finite loss: log p and F must be finite at every token")
     bar.update()
-    base = {key: value[:, 0] for key, value in sums.items()}
-    current = dict(base)
-    loss, grad, hess = loss[:, 0], grad[:, 0], hess[:, 0]
-    base_loss = loss.clone()
-    group_weight = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_of_bin, base["weight"])
+    base = point
+    group_weight = torch.zeros(param.groups, dtype=torch.float64).index_add_(0, param.group_of_bin,
+                                                                              base.sums["weight"][:, 0])
     converged = group_weight == 0  # empty bins keep the base weights
-    scale = torch.ones(groups, dtype=torch.float64)
+    scale = torch.ones(param.groups, dtype=torch.float64)  # shrinks the step sizes after a failed step
     steps = torch.tensor(STEP_SIZES, dtype=torch.float64)
+
+    # 2. Newton steps: several step sizes along the Newton direction in one pass; a group moves only
+    # where its loss decreases.
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        # Tiny damping: F constant over v (or 0 at the last step) leaves b unidentified; it then stays put.
-        damping = 1e-9 * hess.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
-        eye = torch.eye(params, dtype=torch.float64)
-        direction = -torch.linalg.solve(hess + damping[:, None, None] * eye, grad[..., None])[..., 0]  # (G, P)
-        converged |= -(grad * direction).sum(-1) / 2 <= tol
+        grad, hess = point.grad[:, 0], point.hess[:, 0]
+        direction = _newton_direction(grad, hess)  # (G, P)
+        converged |= -(grad * direction).sum(-1) / 2 <= tol  # the Newton decrement: the gain left
         if converged.all():
             iterations -= 1
             break
         direction = direction * (MAX_STEP / direction.abs().amax(-1).clamp(min=1e-300)).clamp(max=1.0)[:, None]
         size = torch.where(converged[:, None], 0.0, scale[:, None] * steps)  # (G, K)
-        cands = theta[:, None] + size[..., None] * direction[:, None]  # (G, K, P)
-        sums_k, loss_k, grad_k, hess_k = evaluate(cands)
+        trial = _evaluate(chunks, param, point.theta + size[..., None] * direction[:, None], dtype)  # (G, K, P)
         bar.update()
-        best = loss_k.argmin(1)  # (G,)
-        rows = torch.arange(groups)
-        better = (loss_k[rows, best] < loss) & ~converged
-        theta = torch.where(better[:, None], cands[rows, best], theta)
-        loss = torch.where(better, loss_k[rows, best], loss)
-        grad = torch.where(better[:, None], grad_k[rows, best], grad)
-        hess = torch.where(better[:, None, None], hess_k[rows, best], hess)
-        take = better[group_of_bin]
-        for key, value in sums_k.items():
-            current[key] = torch.where(take, value[torch.arange(num_bins), best[group_of_bin]], current[key])
-        scale = torch.where(better, 1.0, scale / 8)
-        converged |= ~better & (scale < 1e-6)  # no decrease left above rounding
+        point, moved = _keep_decreases(point, trial, converged, param.group_of_bin)
+        scale = torch.where(moved, 1.0, scale / 8)
+        converged |= ~moved & (scale < 1e-6)  # no decrease left above rounding
+        loss = point.loss[:, 0]
         bar.set_postfix_str(f"loss {float((loss * group_weight).sum() / group_weight.sum()):.5f}")
     bar.close()
-    if (loss > base_loss).any():  # cannot happen: only decreases are accepted
+
+    # 3. The fitted weights per bin, and the loss and entropy before and after.
+    if (point.loss > base.loss).any():  # cannot happen: only decreases are accepted
         raise RuntimeError("the fitted loss is above the base's; this is a bug")
-    ab = offset + theta[group_of_bin] @ jac.T  # (num_bins, 2)
-    fitted, start = _means(current), _means(base)
+    ab = param.weights(point.theta)[:, 0]  # (num_bins, 2)
+    fitted = _means({key: value[:, 0] for key, value in point.sums.items()})
+    start = _means({key: value[:, 0] for key, value in base.sums.items()})
     return {"a": ab[:, 0], "b": ab[:, 1], "tokens": start["tokens"], "loss_base": start["loss"],
             "loss": fitted["loss"], "entropy_base": start["entropy"], "entropy": fitted["entropy"],
             "iterations": iterations, "converged": bool(converged.all())}
@@ -232,7 +293,7 @@ def evaluate_bins(chunks: Callable[[], Iterable[Chunk]], a: torch.Tensor, b: tor
     of the base, for given (num_bins,) weights (held-out evaluation)."""
     ab = torch.stack([torch.stack([torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)],
                                   -1), torch.tensor([1.0, 0.0], dtype=torch.float64).expand(len(a), 2)], 1)
-    sums = _pass(chunks, ab, dtype)
+    sums = _bin_sums(chunks, ab, dtype)
     fitted, base = _means({k: v[:, 0] for k, v in sums.items()}), _means({k: v[:, 1] for k, v in sums.items()})
     return {"tokens": base["tokens"], "loss_base": base["loss"], "loss": fitted["loss"],
             "entropy_base": base["entropy"], "entropy": fitted["entropy"]}
@@ -260,14 +321,11 @@ def _check_settings(max_new_tokens: int, bin_size: int, form: str) -> None:
         raise ValueError(f"`form` must be one of {', '.join(FORMS)}, but is {form!r}")
 
 
-def _cut(windows: Sequence[Window], steps: int, name: str) -> list[Window]:
+def _fit_windows(windows: Sequence[Window], steps: int, name: str) -> list[Window]:
+    """The windows cut to ``steps`` human tokens (:func:`.data.cut_windows`); none at all is an error too."""
     if not windows:
         raise ValueError(f"`{name}` is empty: nothing to fit on")
-    short = [i for i, w in enumerate(windows) if len(w.continuation_ids) < steps]
-    if short:
-        raise ValueError(f"`max_new_tokens` is {steps}, but {name}[{short[0]}] has only "
-                         f"{len(windows[short[0]].continuation_ids)} human continuation tokens")
-    return [dataclasses.replace(w, continuation_ids=tuple(w.continuation_ids[:steps])) for w in windows]
+    return cut_windows(windows, steps, name)
 
 
 @torch.no_grad()
@@ -275,13 +333,12 @@ def human_states(model, windows: Sequence[Window], max_new_tokens: int, pad_toke
                  progress: bool = False) -> dict[str, torch.Tensor]:
     """One teacher-forced pass: for every human continuation token, the final hidden state that predicts
     it. Returns ``hidden`` (N, H) on the model's device, ``target`` (N,) and ``step`` (N,), window-major."""
-    windows = _cut(windows, max_new_tokens, "windows")
+    windows = _fit_windows(windows, max_new_tokens, "windows")
     parts: dict[str, list[torch.Tensor]] = {"hidden": [], "target": [], "step": []}
     for i in tqdm(range(0, len(windows), batch_size), desc="hidden states", unit="batch", disable=not progress):
         ids, mask = batch_windows(windows[i:i + batch_size], pad_token_id, with_continuation=True)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only, as generate() does
-        states = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+        states = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
                                      use_cache=False).last_hidden_state  # (B, L, H)
         start = ids.shape[1] - max_new_tokens  # index of the first continuation token
         parts["hidden"].append(states[:, start - 1:-1].reshape(-1, states.shape[-1]))  # state before each token
@@ -331,9 +388,9 @@ def fit_weights(model, tokenizer, head, windows: Sequence[Window], *, max_new_to
     _check_settings(max_new_tokens, bin_size, form)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, but is {batch_size!r}")
-    windows = _cut(windows, max_new_tokens, "windows")
+    windows = _fit_windows(windows, max_new_tokens, "windows")
     if heldout_windows is not None:
-        heldout_windows = _cut(heldout_windows, max_new_tokens, "heldout_windows")
+        heldout_windows = _fit_windows(heldout_windows, max_new_tokens, "heldout_windows")
     check_compatible(head.config, model, tokenizer, check_base_model=False)
     if max_new_tokens - 1 > head.config.max_horizon:
         warnings.warn(f"the head's max_horizon is {head.config.max_horizon}, below the largest horizon "
@@ -346,7 +403,7 @@ def fit_weights(model, tokenizer, head, windows: Sequence[Window], *, max_new_to
                       f"{max_new_tokens}", stacklevel=2)
     num_bins = math.ceil(max_new_tokens / bin_size)
     rows = chunk_rows or max(1, (1 << 22) // head.config.vocab_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     head.eval()
     states = human_states(model, windows, max_new_tokens, pad_id, batch_size, progress)
     fit = fit_bins(_state_chunks(model, head, states, max_new_tokens, bin_size, rows), num_bins, form,
@@ -380,18 +437,15 @@ def fit_weights(model, tokenizer, head, windows: Sequence[Window], *, max_new_to
 
 
 def save_calibration(head_dir: str | os.PathLike, calibration: dict) -> Path:
-    """Write ``calibration`` into the head folder's ``config.json`` (rewritten atomically); returns its path."""
-    from .heads import CONFIG_NAME, FORMAT, FORMAT_VERSION, load_config
+    """Write ``calibration`` into the head folder's ``config.json`` (rewritten atomically, keeping the
+    digest of the weights it belongs to; a folder whose weights do not match is refused); returns its path."""
+    from .heads import check_weights_digest, load_config, recorded_weights_digest, write_config
 
     check_calibration(calibration)
     config = load_config(head_dir)  # clear errors for a missing or corrupt folder
+    check_weights_digest(head_dir)  # the calibration was fitted with the weights the config records
     config.calibration = json.loads(json.dumps(calibration))  # plain JSON types only
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **config.to_dict()}
-    path = Path(head_dir) / CONFIG_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_config(head_dir, config, recorded_weights_digest(head_dir))
 
 
 # ----------------------------------------------------------------------------------------------------

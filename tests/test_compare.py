@@ -9,10 +9,11 @@ from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, Tem
 from calibrated_sampling import compare as compare_module
 from calibrated_sampling.cli import main
 from calibrated_sampling.compare import Comparison, Preset, find_root, reuse_decoder_pass, run_comparison
-from calibrated_sampling.data import Window
-from calibrated_sampling.lookahead import fit_alpha, lookahead_log_loss, lookahead_loss_terms, parse_lookahead
+from calibrated_sampling.data import Window, batch_windows
+from calibrated_sampling.lookahead import parse_lookahead
+from calibrated_sampling.lookahead_fit import fit_alpha, lookahead_log_loss, lookahead_loss_terms
 from calibrated_sampling.mauve import compute_mauve, text_features
-from calibrated_sampling.measure import batch_windows, measure, teacher_forced
+from calibrated_sampling.measure import measure, teacher_forced
 from calibrated_sampling.metrics import entropy
 from calibrated_sampling.samplers import parse_sampler
 
@@ -165,7 +166,7 @@ def test_lookahead_specs():
         parse_sampler("lookahead:fit", make_model())
     with pytest.raises(ValueError, match="unknown term 'beta=1'"):
         parse_sampler("lookahead:beta=1", make_model())
-    with pytest.raises(ValueError, match="`alpha` needs a number"):
+    with pytest.raises(ValueError, match="`alpha` needs a float"):
         parse_sampler("lookahead:alpha=x", make_model())
 
 
@@ -189,7 +190,7 @@ def test_reused_decoder_pass_gives_identical_results(tiny):
 
 def _strip_timings(value):
     if isinstance(value, dict):
-        return {k: _strip_timings(v) for k, v in value.items() if k not in ("seconds", "machine")}
+        return {k: _strip_timings(v) for k, v in value.items() if k not in ("seconds", "seconds_per_token", "machine")}
     if isinstance(value, list):
         return [_strip_timings(v) for v in value]
     return value
@@ -204,8 +205,7 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     for i in range(24):
         (tmp_path / "text" / f"{i}.txt").write_text(word_text(rng, 40))
     args = ["compare", "--quick", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "text"),
-            "--num-prompts", "6", "--max-new-tokens", "8", "--prompt-tokens", "6", "--batch-size", "3",
-            "--heads", str(tmp_path / "no-such-head")]
+            "--num-prompts", "6", "--max-new-tokens", "8", "--prompt-tokens", "6", "--batch-size", "3"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "Matched entropy" in printed and "frontier_logloss.png" in printed
@@ -223,7 +223,6 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     assert top_p["truncating"] and (top_p["truncated_fraction"] == 0 or math.isinf(top_p["log_loss"]))
     for m in results["matched"].values():
         assert m["spec"] in results["samplers"] and {"entce", "log_loss", "distinct_2", "self_bleu"} <= set(m)
-    assert any("no-such-head" in note for note in results["notes"])
     for name in ("report.md", "samples.jsonl", "curves.png", "frontier_logloss.png", "frontier_diversity.png"):
         assert (tmp_path / "a" / name).stat().st_size > 500
     assert "smoothed" in (tmp_path / "a" / "report.md").read_text()
@@ -260,10 +259,13 @@ def test_comparison_resumes_from_its_journal_and_refuses_another_ones(tiny, tmp_
     assert calls == measured[-1:]
     with pytest.raises(ValueError, match="another comparison"):
         run(seed=1)
+    # A damaged line elsewhere: moved aside, as it was, and measured again; the other entries stand.
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join([lines[0], lines[1][:20], *lines[2:]]) + "\n")
-    with pytest.raises(ValueError, match="line 2 is damaged"):
-        run()
+    with pytest.warns(UserWarning, match="line 2 is damaged"):
+        assert run() == first
+    assert calls == measured[:1]
+    assert (tmp_path / "measurements.jsonl.damaged").read_text().splitlines()[-1] == lines[1][:20]
 
 
 @pytest.mark.slow

@@ -1,0 +1,477 @@
+"""The entropy-matched fit: calibration is the constraint, human log loss the objective (docs/design.md).
+
+The sampled distribution at generation step t (0-based), bin j = t // bin_size, horizon k = T - 1 - t:
+
+    q_t(v | x)  ∝  exp( a_j log p(v | x)  -  b_j F_k(x, v) )
+
+The log-loss fit (fit.py) chooses (a_j, b_j) by human log loss alone; it declines an F that is not
+nearly exact, and what remains is a per-bin temperature that log loss sets near 1, so EntCE stays.
+Here every bin must be calibrated, and F earns its weight only by lowering the log-loss price:
+
+- **constraint**: a_j is set so that the mean entropy of q along its own generations in bin j equals
+  q's teacher-forced human log loss in bin j (per-bin EntCE 0: a flat curve);
+- **objective**: b_j is fitted to human log loss given a_j (convex in b), then a global multiplier
+  m of those b_j is searched along the constraint (each m re-matched by its own a_j), keeping the m
+  with the lowest fit-side log loss. m = 0 is the per-step temperature schedule, so F is used only
+  where it removes entropy more cheaply than temperature does.
+
+Rounds. Generation entropy depends on the whole schedule (earlier bins move the states that later
+bins see; F's bins reach forward), so the constraint is met by rounds: sample the fit prompts under
+the current schedule, measure per bin the generation entropy (with its standard error over prompts)
+and the teacher-forced log loss, then update every bin at once:
+
+    a_j  <-  a_j - gap_j / (d gap_j / d a_j),        gap_j = H_gen,j - LL_j
+
+The slope is closed form from the very logits that were sampled: for log q = s - log Z with
+s = a l - b F (l = log p), dH/da = -Cov_q(l, s) and dH/db = Cov_q(F, s), recorded at every step,
+and d LL/da = E_q l - l(y), d LL/db = F(y) - E_q F on the human side. What the slope leaves out
+(how a_j moves the states that later steps visit, and F's dependence on later bins) is the
+approximation that the next round's measurement corrects. The multiplier search is likewise
+linearised: for a candidate m the re-matched a_j(m) is predicted from d gap/db, and the log loss at
+(a_j(m), m b_j) is computed exactly on the cached human side. The fit stops when every bin's gap
+is within its standard error; the schedule returned is the one whose gaps were measured (never an
+unmeasured update). After ``max_rounds`` without that it says it did not converge, and
+:func:`calibrated_sampling.schedule.save_schedule` refuses to write it.
+
+entropy_markov.py runs the same update with exact expectations on a Markov chain (the proof).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
+
+from .calibrator import FutureEntropyCalibrator
+from .data import Window, batch_windows, cut_windows, windows_digest
+from .files import write_atomic
+from .fit import _bin_sums, human_states
+from .heads import FutureEntropyHead, weights_file_digest
+from .measure import generate_with_entropy
+from .models import model_fingerprint, pad_token_id, tokenizer_fingerprint, weights_digest
+
+DEFAULT_MULTIPLIERS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # coarse grid of m; refined around the best
+REFINE_POINTS = 8  # second-pass points between the best coarse m's neighbours
+MAX_A_STEP = 0.5  # largest change of any a_j in one round: a trust region for a poorly known slope
+MIN_A = 0.05  # a_j stays positive (a <= 0 would reverse or flatten p completely)
+HUMAN_KEYS = ("weight", "loss", "entropy", "grad_a", "grad_b", "h_bb")
+
+# Rows of the human side: log p (n, V), F (n, V) or None (F = 0), human token (n,), group (n,), weight or None.
+# group = prompt * num_bins + bin, so one pass gives per-prompt sums (standard errors) and per-bin sums.
+HumanChunk = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The human (teacher-forced) side
+
+
+def human_sums(chunks: Callable[[], Iterable[HumanChunk]], ab: torch.Tensor, num_prompts: int) -> dict:
+    """Weighted sums of the human-side row stats for K candidate weights per bin.
+
+    ab: (num_bins, K, 2) candidate (a, b) of every bin -> {key: (num_prompts, num_bins, K)} float64 on the CPU,
+    keys ``weight``, ``loss`` (-log q(y)), ``entropy`` (H(q) at the human prefix), ``grad_a``, ``grad_b``
+    (derivatives of the loss) and ``h_bb`` (its second derivative in b).
+    """
+    num_bins, count, _ = ab.shape
+    sums = _bin_sums(chunks, ab, torch.float64, num_groups=num_prompts * num_bins, keys=HUMAN_KEYS)
+    if float(sums["weight"].sum()) == 0:
+        raise ValueError("the human side has no rows: nothing to fit on")
+    return {key: value.reshape(num_prompts, num_bins, count) for key, value in sums.items()}
+
+
+def bin_means(sums: dict) -> dict:
+    """Per-bin means (num_bins, K) of :func:`human_sums`' per-prompt sums; ``tokens`` is the bin's weight."""
+    weight = sums["weight"].sum(0)
+    means = {key: sums[key].sum(0) / weight.clamp(min=1e-300) for key in HUMAN_KEYS if key != "weight"}
+    return {"tokens": weight, **means}
+
+
+def fit_b(human: Callable[[torch.Tensor], dict], a: torch.Tensor, b: torch.Tensor, *, max_iter: int = 30,
+          tol: float = 1e-12) -> torch.Tensor:
+    """The b_j minimising bin j's mean human log loss with a_j held fixed: 1-D Newton per bin, one
+    candidate per pass (a pass over the human side is the fit's cost), the step of a bin halved after a
+    step that did not lower its loss (the loss is convex in b, so full steps nearly always do).
+
+    ``human(ab (num_bins, K, 2))`` returns :func:`bin_means`. A bin where F does not vary over the
+    vocabulary (the last step, k = 0) has no curvature and keeps its b.
+    """
+    b = b.clone().double()
+    now = human(torch.stack([a, b], -1)[:, None])
+    grad, curv, loss = now["grad_b"][:, 0], now["h_bb"][:, 0], now["loss"][:, 0]
+    size = torch.ones_like(b)
+    for _ in range(max_iter):
+        step = torch.where(curv > 1e-12, -grad / curv.clamp(min=1e-12), torch.zeros_like(grad))
+        if (-(grad * step) / 2).max() <= tol or size.max() < 1e-6:  # Newton decrement: the gain left
+            break
+        trial_b = b + size * step
+        out = human(torch.stack([a, trial_b], -1)[:, None])
+        better = out["loss"][:, 0] < loss
+        b = torch.where(better, trial_b, b)
+        grad = torch.where(better, out["grad_b"][:, 0], grad)
+        curv = torch.where(better, out["h_bb"][:, 0], curv)
+        loss = torch.where(better, out["loss"][:, 0], loss)
+        size = torch.where(better, torch.ones_like(size), size / 2)
+    return b
+
+
+# ----------------------------------------------------------------------------------------------------
+# One round's update, shared by the language-model fit and the exact Markov reference
+
+
+def _slope_a(slope: torch.Tensor, gen_slope: torch.Tensor) -> torch.Tensor:
+    """d gap / d a, kept negative: where the measured total is not (noise, a flat bin), the generation
+    side alone (-Var_q(log p) for F = 0, never positive) gives the direction."""
+    fallback = torch.minimum(gen_slope, torch.full_like(gen_slope, -1e-3))
+    return torch.where(slope < -1e-8, slope, fallback)
+
+
+def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[torch.Tensor], dict], *,
+                 use_future: bool, multipliers: Sequence[float] | float = DEFAULT_MULTIPLIERS,
+                 b_damping: float = 1.0, measured_slope: torch.Tensor | None = None) -> dict:
+    """One round's update of the schedule from its measured per-bin quantities.
+
+    Args:
+        a, b: (num_bins,) the schedule that was measured.
+        gen: generation side, per bin (num_bins,): ``entropy``, ``dh_da``, ``dh_db``; optionally ``jac_a``,
+            ``jac_b`` (num_bins, num_bins), the total derivatives of every bin's gap in every a and b (then
+            used instead of each bin's own slope).
+        human: ``ab (num_bins, K, 2) -> bin_means`` of the teacher-forced rows (F held at its current value).
+        use_future: False for F = 0 (b stays 0: a per-step temperature schedule).
+        multipliers: the grid of m searched (refined around its best), or one number m to keep fixed.
+        b_damping: the fraction of the way from b to the chosen m b_fit taken this round (1: all of it).
+            Where F itself depends on the schedule (exact F, recomputed under the adjusted chain), b and F
+            feed back on each other and a full step can oscillate; a head's F is fixed, so it needs none.
+        measured_slope: (num_bins,) d gap / d a_j measured across the last two rounds (a secant), or None.
+            Where it is steeper than the closed-form slope, it is used: the closed form holds the visited
+            states fixed, but a lower a_j also makes the text that later steps see more repetitive, so
+            the true slope is steeper and a pure Newton step overshoots and oscillates (seen on SmolLM2).
+
+    Returns ``a``, ``b`` (the next schedule), ``multiplier``, ``b_fit`` (the log-loss b given the new a)
+    and ``predicted_loss`` (fit-side log loss the linearised search expects).
+    """
+    now = human(torch.stack([a, b], -1)[:, None])
+    gap = gen["entropy"] - now["loss"][:, 0]
+    slope_a = _slope_a(gen["dh_da"] - now["grad_a"][:, 0], gen["dh_da"])
+    if measured_slope is not None:
+        slope_a = torch.where(torch.isfinite(measured_slope), torch.minimum(slope_a, measured_slope), slope_a)
+    slope_b = gen["dh_db"] - now["grad_b"][:, 0]
+    if gen.get("jac_a") is not None:
+        # Total derivatives of every bin's gap (the exact reference has them): a full Newton step.
+        def rematch(delta_b: torch.Tensor) -> torch.Tensor:  # (num_bins, K) change of b -> change of a
+            return -torch.linalg.solve(gen["jac_a"], gen["jac_b"] @ delta_b)
+        step = -torch.linalg.solve(gen["jac_a"], gap[:, None])[:, 0]
+        step = step * (MAX_A_STEP / step.abs().max().clamp(min=1e-300)).clamp(max=1.0)
+    else:
+        # Each bin's own slope: what a bin does to the states of later bins is left to the next round.
+        def rematch(delta_b: torch.Tensor) -> torch.Tensor:
+            return -slope_b[:, None] * delta_b / slope_a[:, None]
+        step = (-gap / slope_a).clamp(-MAX_A_STEP, MAX_A_STEP)
+    a_new = (a + step).clamp(min=MIN_A)
+    tokens = now["tokens"][:, 0]
+    if not use_future:
+        loss = human(torch.stack([a_new, b], -1)[:, None])["loss"][:, 0]
+        return {"a": a_new, "b": b.clone(), "multiplier": 0.0, "b_fit": b.clone(),
+                "predicted_loss": float((loss * tokens).sum() / tokens.sum())}
+    b_fit = fit_b(human, a_new, b)
+
+    def along(ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a (num_bins, K), b (num_bins, K), total loss (K,)) for multipliers ms (K,), a re-matched to first order."""
+        cand_b = b[:, None] + b_damping * (b_fit[:, None] * ms[None] - b[:, None])
+        cand_a = (a_new[:, None] + rematch(cand_b - b[:, None])).clamp(min=MIN_A)
+        loss = human(torch.stack([cand_a, cand_b], -1))["loss"]  # (num_bins, K)
+        return cand_a, cand_b, (loss * tokens[:, None]).sum(0) / tokens.sum()
+
+    if isinstance(multipliers, (int, float)):
+        grid = torch.tensor([float(multipliers)], dtype=torch.float64)
+    else:
+        coarse = torch.tensor(sorted(multipliers), dtype=torch.float64)
+        _, _, loss = along(coarse)
+        best = int(loss.argmin())
+        low, high = coarse[max(best - 1, 0)], coarse[min(best + 1, len(coarse) - 1)]
+        grid = torch.cat([coarse[best:best + 1], torch.linspace(float(low), float(high), REFINE_POINTS + 2,
+                                                                 dtype=torch.float64)])
+    cand_a, cand_b, loss = along(grid)
+    best = int(loss.argmin())
+    return {"a": cand_a[:, best], "b": cand_b[:, best], "multiplier": float(grid[best]), "b_fit": b_fit,
+            "predicted_loss": float(loss[best])}
+
+
+def within_error(gap: torch.Tensor, stderr: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """Per bin: is |gap| within its standard error (or within ``tol``)? A NaN error (one prompt) is not."""
+    return (gap.abs() <= torch.nan_to_num(stderr, nan=-1.0)) | (gap.abs() <= tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The language-model side: generation under the schedule, recording H(q) and its slopes
+
+
+class _RecordingCalibrator(FutureEntropyCalibrator):
+    """Samples q exactly as :class:`FutureEntropyCalibrator` (never fused: the exact path sees log p and F
+    separately) and records, at every step, H(q), dH/da = -Cov_q(l, s) and dH/db = Cov_q(F, s)."""
+
+    def __init__(self, head, calibration: dict):
+        super().__init__(head, calibration, fused=False)
+        self.records: list[torch.Tensor] = []  # one (B, 3) tensor per step
+
+    @torch.no_grad()
+    def _exact(self, scores: torch.Tensor, hidden: torch.Tensor, step: int) -> torch.Tensor:
+        a, b, k = self._weights(step)
+        logp = torch.log_softmax(scores.double(), -1)  # float64: the covariances of a 49k vocabulary
+        if self.head is None:
+            future = torch.zeros_like(logp)
+        else:
+            future = self.head(hidden, torch.tensor(k)).double().to(logp.device)  # (B, V)
+        logits = a * logp - b * future
+        log_q = torch.log_softmax(logits, -1)
+        q = log_q.exp()
+        centred = logits - (q * logits).sum(-1, keepdim=True)  # s - E_q s
+        entropy = -(q * log_q).sum(-1)
+        dh_da = -(q * (logp - (q * logp).sum(-1, keepdim=True)) * centred).sum(-1)
+        dh_db = (q * (future - (q * future).sum(-1, keepdim=True)) * centred).sum(-1)
+        self.records.append(torch.stack([entropy, dh_da, dh_db], -1).float().cpu())
+        return logits.float()
+
+
+def schedule_calibration(a: Sequence[float], b: Sequence[float], max_new_tokens: int, bin_size: int) -> dict:
+    """The calibrator's schedule dict (calibrator.check_calibration) of per-bin weights."""
+    return {"form": "untied", "max_new_tokens": max_new_tokens, "bin_size": bin_size,
+            "a": [float(x) for x in a], "b": [float(x) for x in b]}
+
+
+@torch.no_grad()
+def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: torch.Tensor, *, max_new_tokens: int,
+                    bin_size: int, pad_id: int, batch_size: int, seed: int, progress: bool = False) -> torch.Tensor:
+    """Sample every window's prompt under the schedule: per prompt and bin, the running-step sums of
+    (count, H(q), dH/da, dH/db), shape (prompts, num_bins, 4). Each batch has its own fixed seed, the
+    same in every round (common random numbers: the rounds' differences are the schedule's, not noise)."""
+    num_bins = math.ceil(max_new_tokens / bin_size)
+    recorder = _RecordingCalibrator(head, schedule_calibration(a, b, max_new_tokens, bin_size))
+    sums = torch.zeros(len(windows), num_bins, 4, dtype=torch.float64)
+    with recorder.attached(model):
+        for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="generate", unit="batch",
+                                           disable=not progress)):
+            batch = list(windows[start:start + batch_size])
+            ids, mask = batch_windows(batch, pad_id, with_continuation=False)
+            recorder.records.clear()
+            record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device),
+                                           LogitsProcessorList([recorder]), max_new_tokens,
+                                           seed=seed * 100_003 + index)
+            steps = len(recorder.records)
+            stats = torch.stack(recorder.records, 1).double()  # (B, steps, 3)
+            running = record.running[:, :steps].double()[..., None]  # (B, steps, 1)
+            bins = torch.arange(steps) // bin_size
+            sums[start:start + len(batch)].index_add_(1, bins, torch.cat([running, stats * running], -1))
+    return sums
+
+
+def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int, pad_id: int,
+                  batch_size: int, progress: bool, cache_elements: int | None = None) -> Callable[[], Iterable[HumanChunk]]:
+    """The human side of ``windows``: one teacher-forced pass caches the hidden states; log p (and F) are
+    kept in memory when they fit in ``cache_elements`` floats (default: a quarter of the free memory), else
+    recomputed in chunks at every pass (an output-embedding product over every human token: the fit's
+    largest cost on a CPU)."""
+    if cache_elements is None:
+        cache_elements = _free_bytes() // 4 // 4  # float32
+    states = human_states(model, windows, max_new_tokens, pad_id, batch_size, progress)
+    num_bins = math.ceil(max_new_tokens / bin_size)
+    rows = len(states["target"])
+    step = states["step"]
+    group = (torch.arange(rows, device=step.device) // max_new_tokens) * num_bins + step // bin_size
+    output = model.get_output_embeddings()
+    vocab = output.out_features
+    chunk_rows = max(1, (1 << 22) // vocab)
+
+    def compute(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = states["hidden"][i:j]
+        logp = torch.log_softmax(output(hidden).float(), -1)  # (n, V)
+        future = None if head is None else head(hidden, max_new_tokens - 1 - step[i:j]).float()
+        return logp, future
+
+    with torch.no_grad():
+        cached = [compute(i, i + chunk_rows) for i in range(0, rows, chunk_rows)] \
+            if rows * vocab * (1 if head is None else 2) <= cache_elements else None
+
+    @torch.no_grad()
+    def chunks():
+        for n, i in enumerate(range(0, rows, chunk_rows)):
+            logp, future = cached[n] if cached is not None else compute(i, i + chunk_rows)
+            yield logp, future, states["target"][i:i + chunk_rows], group[i:i + chunk_rows], None
+    return chunks
+
+
+def _free_bytes() -> int:
+    """Memory available now (Linux and macOS); 2 GiB where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def _future_record(future) -> tuple[str, object]:
+    """(kind, what the fit needs): 'none' -> None; a head folder -> its path; ('lookahead', C) -> C."""
+    if isinstance(future, str) and future == "none":
+        return "none", None
+    if isinstance(future, tuple) and len(future) == 2 and future[0] == "lookahead":
+        raise ValueError(f"`future` {future!r}: the lookahead's entropy-matched schedule is not built yet "
+                         "(it needs a per-step alpha in LookaheadProcessor); use 'none' or a head folder")
+    if isinstance(future, (str, bytes)) or hasattr(future, "__fspath__"):
+        return "head", future
+    raise ValueError(f"`future` must be 'none', a head folder or ('lookahead', C), but is {future!r}")
+
+
+def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int = 32,
+                        future="none", batch_size: int = 8, seed: int = 0, max_rounds: int = 8,
+                        multipliers: Sequence[float] | float = DEFAULT_MULTIPLIERS, progress: bool = True,
+                        checkpoint: str | os.PathLike | None = None) -> dict:
+    """Fit a schedule whose every bin is calibrated on ``windows`` (the fit split), at the lowest log loss.
+
+    Args:
+        windows: prompts with at least ``max_new_tokens`` human continuation tokens each.
+        max_new_tokens: T, the generation length the schedule is for; bins of ``bin_size`` steps.
+        future: ``"none"`` (F = 0: a per-step temperature schedule) or a head folder (F from its head).
+        seed: of the generations (the same every round).
+        max_rounds: rounds of sampling before the fit gives up (then ``report["converged"]`` is False).
+        multipliers: the grid of the global multiplier m of the log-loss b (module docstring), or one m.
+        checkpoint: a JSON file written after every round (the schedule to measure next and the history);
+            a fit started again with the same model, windows and settings resumes from it. Each round
+            samples every fit prompt, minutes at real sizes, so an interruption costs one round at most.
+
+    Returns ``{"objective": "entropy", "form": "untied", "max_new_tokens", "bin_size", "a", "b", "future":
+    {"kind": ...}, "report": {...}}``; the report holds ``converged``, ``rounds``, ``seconds``,
+    ``generated_tokens``, ``multiplier``, per-bin ``bins`` (generation entropy, log loss, gap and its
+    standard error over prompts) and ``history`` (every round's schedule and gaps).
+    """
+    for name, value in (("max_new_tokens", max_new_tokens), ("bin_size", bin_size), ("batch_size", batch_size),
+                        ("max_rounds", max_rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, but is {value!r}")
+    if not windows:
+        raise ValueError("`windows` is empty: nothing to fit on")
+    windows = cut_windows(windows, max_new_tokens, "windows")
+    kind, head_dir = _future_record(future)
+    head, record = None, {"kind": "none"}
+    if kind == "head":
+        head = FutureEntropyHead.from_pretrained(head_dir, model, tokenizer).eval()
+        record = {"kind": "head", "path": str(head_dir), "sha256": weights_file_digest(head_dir)}
+    started = time.perf_counter()
+    num_bins, prompts = math.ceil(max_new_tokens / bin_size), len(windows)
+    pad_id = pad_token_id(tokenizer)
+    settings = {"max_new_tokens": max_new_tokens, "bin_size": bin_size, "pad_id": pad_id, "batch_size": batch_size}
+    chunks = _human_chunks(model, head, windows, progress=progress, **settings)
+
+    def human(ab: torch.Tensor) -> dict:
+        return bin_means(human_sums(chunks, ab, prompts))
+
+    a = torch.ones(num_bins, dtype=torch.float64)
+    b = torch.zeros(num_bins, dtype=torch.float64)
+    base_loss = None
+    history, multiplier, converged, generated = [], 0.0, False, 0
+    identity = {"model": {**model_fingerprint(model), "weights": weights_digest(model)},
+                "tokenizer": tokenizer_fingerprint(tokenizer), "windows": windows_digest(windows), "future": record,
+                "seed": seed, "multipliers": multipliers if isinstance(multipliers, (int, float)) else list(multipliers),
+                **settings}
+    resumed = _read_checkpoint(checkpoint, identity)
+    if resumed is not None:
+        a, b = torch.tensor(resumed["a"], dtype=torch.float64), torch.tensor(resumed["b"], dtype=torch.float64)
+        history, multiplier, generated = resumed["history"], resumed["multiplier"], resumed["generated_tokens"]
+        base_loss = history[0]["log_loss"]
+        started -= resumed["seconds"]
+    first = len(history) + 1
+    last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
+    for round_ in range(first, last + 1):
+        gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, **settings)
+        generated += int(gen[..., 0].sum())  # steps of rows still running (EOS ends a row early)
+        tf = human_sums(chunks, torch.stack([a, b], -1)[:, None], prompts)  # per prompt: standard errors
+        bins = _bin_report(gen, tf, a, b, bin_size, max_new_tokens)
+        if base_loss is None:
+            base_loss = bins["summary"]["log_loss"]
+        gap, stderr = torch.tensor(bins["gap"]), torch.tensor(bins["gap_stderr"])
+        history.append({"round": round_, "a": a.tolist(), "b": b.tolist(), "multiplier": multiplier,
+                        "gap": bins["gap"], "gap_stderr": bins["gap_stderr"], **bins["summary"]})
+        if progress:
+            tqdm.write(f"round {round_}: max |gap| {float(gap.abs().max()):.4f}, max |gap| / s.e. "
+                       f"{float((gap.abs() / stderr).max()):.2f}, log loss {bins['summary']['log_loss']:.4f}")
+        if within_error(gap, stderr).all():
+            converged = True
+            break
+        count = gen[..., 0].sum(0).clamp(min=1)
+        gen_means = {"entropy": gen[..., 1].sum(0) / count, "dh_da": gen[..., 2].sum(0) / count,
+                     "dh_db": gen[..., 3].sum(0) / count}
+        update = match_update(a, b, gen_means, human, use_future=head is not None, multipliers=multipliers,
+                              measured_slope=_secant_slope(history))
+        if checkpoint is not None:  # the next schedule to measure: a rerun with more rounds starts there
+            write_atomic(checkpoint, json.dumps({"identity": identity, "a": update["a"].tolist(),
+                                                 "b": update["b"].tolist(), "multiplier": update["multiplier"],
+                                                 "history": history, "generated_tokens": generated,
+                                                 "seconds": time.perf_counter() - started}) + "\n")
+        if round_ == last:
+            break  # the result stays the schedule that was measured, never an unmeasured update
+        a, b, multiplier = update["a"], update["b"], update["multiplier"]
+    report = {"converged": converged, "rounds": len(history), "seconds": time.perf_counter() - started,
+              "generated_tokens": generated,
+              "multiplier": multiplier, "num_windows": len(windows), "seed": seed,
+              "log_loss_base": base_loss, **bins["summary"],
+              "bins": bins["rows"], "history": history}
+    return {"objective": "entropy", **schedule_calibration(a, b, max_new_tokens, bin_size), "future": record,
+            "report": report}
+
+
+def _secant_slope(history: list[dict]) -> torch.Tensor | None:
+    """Per bin, (gap change) / (a change) across the last two measured rounds; NaN where a did not move
+    or the gap moved the wrong way (noise), None before the second round."""
+    if len(history) < 2:
+        return None
+    last, before = history[-1], history[-2]
+    a1, a0 = torch.tensor(last["a"], dtype=torch.float64), torch.tensor(before["a"], dtype=torch.float64)
+    g1, g0 = torch.tensor(last["gap"], dtype=torch.float64), torch.tensor(before["gap"], dtype=torch.float64)
+    moved = (a1 - a0).abs() > 1e-4
+    slope = (g1 - g0) / torch.where(moved, a1 - a0, torch.ones_like(a1))
+    return torch.where(moved & (slope < 0), slope, torch.full_like(slope, math.nan))
+
+
+def _read_checkpoint(path, identity: dict) -> dict | None:
+    """The state of an interrupted fit with the same ``identity``, or None (no file yet). A checkpoint
+    of another fit is refused rather than overwritten: it may be someone's hours of sampling."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint {path} is damaged ({error}); delete it to start the fit afresh") from None
+    if not isinstance(state, dict) or state.get("identity") != json.loads(json.dumps(identity)):
+        raise ValueError(f"checkpoint {path} belongs to another fit (other model, windows, F or settings); "
+                         "delete it or choose another `--out`")
+    return state
+
+
+def _bin_report(gen: torch.Tensor, tf: dict, a: torch.Tensor, b: torch.Tensor, bin_size: int,
+                max_new_tokens: int) -> dict:
+    """Per-bin generation entropy, log loss, gap and its standard error over prompts (the gap of one
+    prompt is its own bins' mean entropy minus mean log loss), as lists and report rows."""
+    count = gen[..., 0]  # (P, bins)
+    gen_entropy = gen[..., 1].sum(0) / count.sum(0).clamp(min=1)
+    weight, loss_sum = tf["weight"][..., 0], tf["loss"][..., 0]  # (P, bins)
+    log_loss = loss_sum.sum(0) / weight.sum(0).clamp(min=1e-300)
+    gap = gen_entropy - log_loss
+    per_prompt = gen[..., 1] / count.clamp(min=1) - loss_sum / weight.clamp(min=1e-300)
+    seen = (count > 0).double()
+    n = seen.sum(0)
+    mean = (per_prompt * seen).sum(0) / n.clamp(min=1)
+    var = (((per_prompt - mean) ** 2) * seen).sum(0) / (n - 1).clamp(min=1)
+    stderr = torch.where(n > 1, (var / n.clamp(min=1)).sqrt(), torch.full_like(var, math.nan))
+    rows = [{"bin": j, "first_step": j * bin_size, "last_step": min((j + 1) * bin_size, max_new_tokens) - 1,
+             "a": float(a[j]), "b": float(b[j]), "gen_entropy": float(gen_entropy[j]), "log_loss": float(log_loss[j]),
+             "gap": float(gap[j]), "gap_stderr": float(stderr[j]), "gen_steps": int(count[:, j].sum()),
+             "human_tokens": int(weight[:, j].sum())} for j in range(len(gap))]
+    total_gen = float(gen[..., 1].sum() / count.sum().clamp(min=1))
+    total_loss = float(loss_sum.sum() / weight.sum())
+    summary = {"gen_entropy": total_gen, "log_loss": total_loss, "entce": total_gen - total_loss,
+               "max_abs_gap": float(gap.abs().max())}
+    return {"rows": rows, "gap": gap.tolist(), "gap_stderr": stderr.tolist(), "summary": summary}

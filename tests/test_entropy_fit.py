@@ -1,0 +1,246 @@
+"""The entropy-matched fit: the exact Markov-chain proof (per-step EntCE 0 with F = 0 and with exact F,
+lower log loss with exact F), and the language-model pipeline on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from calibrated_sampling.data import Window
+from calibrated_sampling.entropy_fit import fit_entropy_matched
+from calibrated_sampling.entropy_markov import drift_example, markov_entropy_fit
+from calibrated_sampling.fit import markov_measures
+from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
+from calibrated_sampling.models import prepare_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
+
+T = 16  # steps of the Markov chain's generations
+
+
+@pytest.fixture(scope="module")
+def chain():
+    return drift_example()
+
+
+@pytest.fixture(scope="module")
+def markov_fits(chain):
+    human, model, initial = chain
+    return {future: markov_entropy_fit(human, model, initial, T, future=future) for future in ("none", "exact")}
+
+
+def test_the_example_drifts_like_a_language_model(chain):
+    """Generation entropy climbs along the model's own samples; the human log loss does not."""
+    human, model, initial = chain
+    base = markov_measures(human, model.expand(T, *model.shape), initial)
+    gen, loss = base["gen_entropy"], base["log_loss"]
+    assert gen[-4:].mean() - gen[:4].mean() > 0.15
+    assert abs(loss[-4:].mean() - loss[4:8].mean()) < 0.02
+    assert base["entce"] > 0.2
+
+
+@pytest.mark.parametrize("future", ["none", "exact"])
+def test_markov_fit_calibrates_every_step(markov_fits, future):
+    fit = markov_fits[future]
+    assert fit["converged"]
+    measures = fit["measures"]  # an independent computation from the fitted chain
+    assert (measures["gen_entropy"] - measures["log_loss"]).abs().max() < 1e-8
+
+
+def test_exact_future_pays_in_log_loss(chain, markov_fits):
+    """F removes entropy more cheaply than temperature: calibrated both ways, exact F has lower log loss."""
+    human, model, initial = chain
+    base = markov_measures(human, model.expand(T, *model.shape), initial)["log_loss"].mean()
+    none, exact = markov_fits["none"], markov_fits["exact"]
+    assert (none["b"] == 0).all()
+    assert exact["log_loss"] < none["log_loss"] - 0.02
+    assert exact["log_loss"] < base  # calibrated and better than the base model on human text
+    assert exact["multiplier"] > 0
+
+
+def test_multiplier_search_finds_the_best_multiplier_along_the_constraint(chain, markov_fits):
+    """Fits with the multiplier held fixed, each exactly calibrated: none beats the searched one."""
+    human, model, initial = chain
+    searched = markov_fits["exact"]["log_loss"]
+    for multiplier in (0.0, 0.5, 0.8, 1.2, 1.5):
+        fixed = markov_entropy_fit(human, model, initial, T, future="exact", multipliers=multiplier)
+        assert fixed["converged"]
+        assert searched <= fixed["log_loss"] + 1e-6
+
+
+def test_full_newton_reaches_the_same_schedule(chain, markov_fits):
+    human, model, initial = chain
+    full = markov_entropy_fit(human, model, initial, T, future="exact", newton="full")
+    assert full["converged"] and full["rounds"] <= markov_fits["exact"]["rounds"]
+    assert full["log_loss"] == pytest.approx(markov_fits["exact"]["log_loss"], abs=1e-5)
+
+
+def test_markov_bins_calibrate_each_bin(chain):
+    human, model, initial = chain
+    fit = markov_entropy_fit(human, model, initial, T, bin_size=4, future="exact")
+    measures = fit["measures"]
+    per_bin = (measures["gen_entropy"] - measures["log_loss"]).reshape(4, 4).mean(1)
+    assert fit["converged"] and per_bin.abs().max() < 1e-8 and len(fit["a"]) == 4
+
+
+def test_markov_bad_arguments(chain):
+    human, model, initial = chain
+    with pytest.raises(ValueError, match="`future`"):
+        markov_entropy_fit(human, model, initial, T, future="head")
+    with pytest.raises(ValueError, match="`newton`"):
+        markov_entropy_fit(human, model, initial, T, newton="secant")
+    with pytest.raises(ValueError, match="`bin_size`"):
+        markov_entropy_fit(human, model, initial, T, bin_size=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The language-model pipeline
+
+STEPS = 12
+
+
+def sharper_text_windows(model, count: int, seed: int = 0) -> list[Window]:
+    """Prompts of random words whose 'human' continuations the model writes at temperature 0.7: the human
+    is sharper than the model, so the calibrating a is above 1 and reachable."""
+    g = torch.Generator().manual_seed(seed)
+    windows = []
+    for i in range(count):
+        prompt = torch.randint(3, 99, (5 + i % 3,), generator=g)
+        torch.manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            out = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=True, temperature=0.7, top_k=0, max_new_tokens=STEPS,
+                                 min_new_tokens=STEPS, pad_token_id=0)
+        windows.append(Window(tuple(prompt.tolist()), tuple(out[0, len(prompt):].tolist()), f"doc{i}", "fit"))
+    return windows
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, tokenizer = make_model(), make_tokenizer(with_pad=True)
+    prepare_tokenizer(tokenizer, model)
+    return model, tokenizer, sharper_text_windows(model, 12)
+
+
+@pytest.fixture(scope="module")
+def head_dir(lm, tmp_path_factory):
+    model, tokenizer, _ = lm
+    config = HeadConfig.for_model(model, tokenizer, mlp_hidden=16, lm_parameters=None, max_horizon=STEPS)
+    head = FutureEntropyHead(config, model.get_output_embeddings().weight)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("head")
+    head.save_pretrained(folder)
+    return folder
+
+
+def test_lm_fit_without_future_converges_to_a_cooler_schedule(lm):
+    model, tokenizer, windows = lm
+    fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
+                              max_rounds=8, progress=False)
+    report = fit["report"]
+    assert report["converged"] and 1 < report["rounds"] <= 8
+    assert fit["future"] == {"kind": "none"} and fit["b"] == [0.0, 0.0, 0.0]
+    assert all(a > 1 for a in fit["a"])  # the human text is sharper than the model
+    for row in report["bins"]:
+        assert abs(row["gap"]) <= row["gap_stderr"]
+    assert 0 < report["generated_tokens"] <= report["rounds"] * len(windows) * STEPS
+    assert report["history"][0]["a"] == [1.0, 1.0, 1.0]  # the first round measures the base model
+    assert abs(report["history"][0]["entce"]) > abs(report["entce"])
+
+
+def test_lm_fit_with_a_head(lm, head_dir):
+    model, tokenizer, windows = lm
+    fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
+                              max_rounds=8, future=str(head_dir), progress=False)
+    assert fit["report"]["converged"]
+    assert fit["future"]["kind"] == "head" and len(fit["future"]["sha256"]) == 64
+    for row in fit["report"]["bins"]:
+        assert abs(row["gap"]) <= row["gap_stderr"]
+
+
+def test_lm_fit_that_runs_out_of_rounds_says_so(lm):
+    model, tokenizer, windows = lm
+    fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
+                              max_rounds=1, progress=False)
+    assert not fit["report"]["converged"] and fit["report"]["rounds"] == 1
+    assert fit["a"] == [1.0, 1.0, 1.0]  # the measured schedule, never an unmeasured update
+
+
+def test_lm_fit_bad_arguments(lm):
+    model, tokenizer, windows = lm
+    with pytest.raises(ValueError, match="`future`"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=3)
+    with pytest.raises(ValueError, match="lookahead"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=("lookahead", 4))
+    with pytest.raises(ValueError, match="`max_rounds`"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, max_rounds=0)
+    with pytest.raises(ValueError, match="only"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS + 1)
+
+
+def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
+    """`fit` (entropy objective, the default) writes a schedule file; `measure` samples it by its spec;
+    a fit that runs out of rounds exits 1 and writes nothing; bad flags fail before the model loads."""
+    from conftest import word_text
+
+    from calibrated_sampling.cli import main
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    rng = torch.Generator().manual_seed(0)
+    (tmp_path / "text").mkdir()
+    for i in range(16):
+        (tmp_path / "text" / f"{i}.txt").write_text(word_text(rng, 60))
+    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "text"), "--prompt-tokens", "8",
+              "--max-new-tokens", "8", "--batch-size", "4"]
+    schedule_file = tmp_path / "schedule.json"
+    fit_args = ["fit", *common, "--num-prompts", "6", "--bin-size", "4", "--max-rounds", "12",
+                "--out", str(schedule_file)]
+    assert main(fit_args) == 0
+    assert "F: none, T = 8, objective entropy" in capsys.readouterr().out
+    record = json.loads(schedule_file.read_text())
+    assert record["report"]["converged"] and len(record["a"]) == 2 and record["b"] == [0.0, 0.0]
+    assert main(["measure", *common, "--split", "fit", "--num-prompts", "6", "--samplers",
+                 f"base,schedule:{schedule_file}", "--out", str(tmp_path / "measure")]) == 0
+    results = json.loads((tmp_path / "measure" / "results.json").read_text())["samplers"]
+    assert {"base", f"schedule:{schedule_file}"} <= set(results)
+    # One round cannot converge from the base model: exit 1, nothing written.
+    assert main([*fit_args[:-2], "--max-rounds", "1", "--out", str(tmp_path / "none.json")]) == 1
+    assert "did not converge" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
+    assert main([*fit_args[:-2], "--out", str(tmp_path / "folder")]) == 2  # a schedule is a .json file
+    assert "`--out` must name a .json file" in capsys.readouterr().err
+    assert main(["fit", *common, "--objective", "log-loss", "--out", str(tmp_path / "x.json")]) == 2
+    assert "`--head` is required" in capsys.readouterr().err
+    # A schedule is measured at its own length only.
+    assert main(["measure", *common[:-4], "--max-new-tokens", "6", "--batch-size", "4", "--split", "fit",
+                 "--num-prompts", "6", "--samplers", f"schedule:{schedule_file}",
+                 "--out", str(tmp_path / "measure6")]) == 2
+    assert "fitted for 8-token generations" in capsys.readouterr().err
+    assert not (tmp_path / "measure6").exists()  # refused before its journal was written
+
+
+def test_an_interrupted_fit_resumes_from_its_rounds(lm, tmp_path, monkeypatch):
+    """A fit stopped after its first round (out of rounds) resumes at round 2 with the same result as an
+    uninterrupted fit, sampling only the rounds it had not."""
+    from calibrated_sampling import entropy_fit
+
+    model, tok, windows = lm
+    settings = dict(max_new_tokens=8, bin_size=4, batch_size=4, seed=0, progress=False)
+    whole = fit_entropy_matched(model, tok, windows, max_rounds=3, **settings)
+    checkpoint = tmp_path / "rounds.json"
+    first = fit_entropy_matched(model, tok, windows, max_rounds=1, checkpoint=checkpoint, **settings)
+    assert not first["report"]["converged"] and json.loads(checkpoint.read_text())["history"][-1]["round"] == 1
+    calls = []
+    original = entropy_fit.generation_sums
+    monkeypatch.setattr(entropy_fit, "generation_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = fit_entropy_matched(model, tok, windows, max_rounds=3, checkpoint=checkpoint, **settings)
+    assert whole["report"]["converged"] and len(calls) == whole["report"]["rounds"] - 1 >= 1
+    assert resumed["a"] == pytest.approx(whole["a"]) and resumed["report"]["rounds"] == whole["report"]["rounds"]
+    with pytest.raises(ValueError, match="belongs to another fit"):
+        fit_entropy_matched(model, tok, windows, max_rounds=3, checkpoint=checkpoint, **{**settings, "seed": 1})

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Entropy-matched schedules (`fit --objective entropy`, the default): every 64-step bin's generation entropy
+# matched to its human log loss on the fit side, then judged on the eval side, which no fit saw.
+# Two F's: none (a per-step temperature schedule) and the shipped head's. Defaults: Jane Austen, 512 tokens
+# (text the head never saw; ../shared/data/austen holds the six novels as plain text, e.g. from Project
+# Gutenberg), 48 fit prompts, 128 held-out prompts measured into the same journal as the log-loss result:
+#   training/smollm2-135m/entropy_schedules.sh
+#   DATA=pydoc T=256 NAME=pydoc-256 OUT=results/compare-full-schedules PROMPTS=64 training/smollm2-135m/entropy_schedules.sh
+# Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its journal entry, so an
+# interrupted run picks up where it stopped.
+set -euo pipefail
+DATA=${DATA:-../shared/data/austen}
+T=${T:-512}
+NAME=${NAME:-austen-512}
+HEAD=${HEAD:-heads/smollm2-135m}
+FIT="--model smollm2-135m --data $DATA --num-prompts ${FIT_PROMPTS:-48} --max-new-tokens $T --bin-size 64 \
+     --batch-size 16 --max-rounds ${ROUNDS:-8}"
+NONE=schedules/smollm2-135m-$NAME-temperature.json
+WITH_HEAD=schedules/smollm2-135m-$NAME-head.json
+[ -f "$NONE" ] || calibrated-sampling fit $FIT --out "$NONE"
+[ -f "$WITH_HEAD" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$WITH_HEAD"
+calibrated-sampling measure --model smollm2-135m --data "$DATA" --split eval \
+    --samplers "base,schedule:$NONE,schedule:$WITH_HEAD,${TEMPERATURE:-temperature=0.97,temperature=0.96}" \
+    --num-prompts ${PROMPTS:-128} --max-new-tokens $T --batch-size 16 --seed 0 --out ${OUT:-results/calibrated-austen-512}
