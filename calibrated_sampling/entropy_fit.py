@@ -26,7 +26,10 @@ The slope is closed form from the very logits that were sampled: for log q = s -
 s = a l - b F (l = log p), dH/da = -Cov_q(l, s) and dH/db = Cov_q(F, s), recorded at every step,
 and d LL/da = E_q l - l(y), d LL/db = F(y) - E_q F on the human side. What the slope leaves out
 (how a_j moves the states that later steps visit, and F's dependence on later bins) is the
-approximation that the next round's measurement corrects. The multiplier search is likewise
+approximation that the next round's measurement corrects. On SmolLM2 the true slope is steeper
+(a cooler bin makes the text that later bins read more repetitive), so a pure Newton step overshoots
+and the rounds oscillate; from the second round on, a bin whose gap moved more than the closed form
+predicts takes the measured secant slope of its last two rounds instead. The multiplier search is likewise
 linearised: for a candidate m the re-matched a_j(m) is predicted from d gap/db, and the log loss at
 (a_j(m), m b_j) is computed exactly on the cached human side. The fit stops when every bin's gap
 is within its standard error; the schedule returned is the one whose gaps were measured (never an

@@ -21,7 +21,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def entropy_of_log_probs(logp: torch.Tensor) -> torch.Tensor:
     """Shannon entropy from normalised log-probabilities (..., V); entries of probability 0 add 0."""
-    return -(logp.exp() * logp).nan_to_num_(nan=0.0).sum(-1)  # 0 * -inf = nan: a zero-probability entry
+    # -inf -> the most negative float, so that 0 * it is 0, not nan; vecdot reduces without a product tensor
+    return -torch.linalg.vecdot(logp.exp(), logp.clamp(min=torch.finfo(logp.dtype).min))
 
 
 def token_log_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

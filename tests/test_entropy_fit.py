@@ -244,3 +244,30 @@ def test_an_interrupted_fit_resumes_from_its_rounds(lm, tmp_path, monkeypatch):
     assert resumed["a"] == pytest.approx(whole["a"]) and resumed["report"]["rounds"] == whole["report"]["rounds"]
     with pytest.raises(ValueError, match="belongs to another fit"):
         fit_entropy_matched(model, tok, windows, max_rounds=3, checkpoint=checkpoint, **{**settings, "seed": 1})
+
+
+def test_secant_slope_steepens_a_newton_step_that_would_overshoot():
+    """Where a bin's gap moved more than the closed-form slope predicts (the states a bin visits move
+    with a), the step uses the measured secant; noise in the wrong direction is ignored."""
+    from calibrated_sampling.entropy_fit import _secant_slope, match_update
+
+    history = [{"a": [1.0, 1.0, 1.0], "gap": [1.0, 1.0, 0.2]}, {"a": [1.1, 1.0, 1.1], "gap": [-0.2, 0.9, 0.3]}]
+    slope = _secant_slope(history)
+    assert slope[0].item() == pytest.approx(-12.0)
+    assert torch.isnan(slope[1]) and torch.isnan(slope[2])  # a did not move; the gap rose as a rose
+    assert _secant_slope(history[:1]) is None
+
+    def human(ab):  # a human side whose log loss does not depend on the schedule
+        k = ab.shape[1]
+        zeros = torch.zeros(3, k, dtype=torch.float64)
+        return {"loss": torch.full((3, k), 2.0, dtype=torch.float64), "grad_a": zeros, "grad_b": zeros,
+                "tokens": torch.ones(3, k, dtype=torch.float64)}
+
+    a, b = torch.tensor([1.1, 1.0, 1.1], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    gen = {"entropy": torch.tensor([1.8, 2.9, 2.3], dtype=torch.float64),
+           "dh_da": torch.full((3,), -4.0, dtype=torch.float64), "dh_db": torch.zeros(3, dtype=torch.float64)}
+    newton = match_update(a, b, gen, human, use_future=False)["a"]
+    steeper = match_update(a, b, gen, human, use_future=False, measured_slope=slope)["a"]
+    assert newton[0].item() == pytest.approx(1.1 - 0.2 / 4.0)  # closed form: gap -0.2 over slope -4
+    assert steeper[0].item() == pytest.approx(1.1 - 0.2 / 12.0)  # the measured secant, three times as steep
+    assert torch.equal(steeper[1:], newton[1:])
