@@ -103,8 +103,10 @@ def _load(args):
 
 
 def cmd_measure(args) -> int:
+    from .compare import measured_equal_entropy
+    from .files import write_atomic
     from .measure import measure
-    from .report import format_table, plot_curves, write_results
+    from .report import format_equal_entropy, format_table, plot_curves, write_results
     from .samplers import check_specs, resolve_samplers, split_specs
 
     specs = split_specs(args.samplers)
@@ -133,6 +135,10 @@ def cmd_measure(args) -> int:
     plot = plot_curves(results, path.parent / "curves.png",
                        title=f"{args.model} on {args.data}: {args.num_prompts} prompts, seed {args.seed}")
     print(format_table(results))
+    equal = measured_equal_entropy(results)
+    if equal is not None:  # temperature brackets EntCE = 0: every method read against it there
+        print("\n".join(format_equal_entropy({"equal_entropy": equal})))
+        write_atomic(path.parent / "equal_entropy.json", json.dumps(equal, indent=2, sort_keys=True) + "\n")
     print(f"\nwrote {path} and {plot}")
     return 0
 
@@ -438,16 +444,27 @@ def cmd_generate(args) -> int:
     from .calibrator import FutureEntropyCalibrator
     from .models import load_model
     from .samplers import check_specs
+    from .schedule import load_schedule, schedule_calibrator
 
-    # The head folder and the settings, as a calibrated spec, checked before the model loads.
-    check_specs([f"calibrated:{args.head}:scale={args.scale!r}:past={args.past_schedule}"])
+    # The head folder or schedule file and the settings, as a spec, checked before the model loads.
+    if args.schedule is not None:
+        if args.scale != 1.0:
+            raise ValueError(f"`--scale` {args.scale!r} applies to --head only: a schedule's weights are fitted as a "
+                             "whole (fit another schedule instead)")
+        check_specs([f"schedule:{args.schedule}:past={args.past_schedule}"])
+    else:
+        check_specs([f"calibrated:{args.head}:scale={args.scale!r}:past={args.past_schedule}"])
     _check_counts(args, ("max_new_tokens",))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    calibrator = FutureEntropyCalibrator.from_pretrained(args.head, model, tokenizer, scale=args.scale,
-                                                         past_schedule=args.past_schedule)
+    if args.schedule is not None:
+        calibrator = schedule_calibrator(load_schedule(args.schedule, model, tokenizer), model,
+                                         past_schedule=args.past_schedule)
+    else:
+        calibrator = FutureEntropyCalibrator.from_pretrained(args.head, model, tokenizer, scale=args.scale,
+                                                             past_schedule=args.past_schedule)
     steps = args.max_new_tokens or calibrator.max_new_tokens
     if steps > calibrator.max_new_tokens and args.past_schedule == "error":
-        raise ValueError(f"`--max-new-tokens` {steps} is longer than the head's fitted schedule "
+        raise ValueError(f"`--max-new-tokens` {steps} is longer than the fitted schedule "
                          f"({calibrator.max_new_tokens} tokens); add --past-schedule base to sample from the base "
                          f"model after it")
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
@@ -704,9 +721,11 @@ def _add_compare_parser(sub) -> None:
 
 
 def _add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from the calibrated distribution of a fitted head")
+    p = sub.add_parser("generate", help="sample text from a calibrated distribution: a schedule file or a fitted head")
     _add_model_args(p)
-    p.add_argument("--head", required=True, help="head folder with a fitted calibration (config.json, head.safetensors)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--schedule", help="schedule file (`fit --out FILE.json`)")
+    source.add_argument("--head", help="head folder with a fitted calibration (config.json, head.safetensors)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the length the schedule was fitted for")
     p.add_argument("--seed", type=int, default=0)

@@ -446,6 +446,32 @@ def head_sweeps(model: PreTrainedModel, heads: list[str], preset: Preset) -> lis
     return sweeps
 
 
+def measured_equal_entropy(results: dict[str, dict]) -> dict | None:
+    """:func:`equal_entropy` of a plain ``measure`` run: every knob of :data:`KNOBS` with two measured
+    settings whose EntCE brackets 0 (``base`` counts as the knob's identity) is read there, interpolated
+    between the bracketing pair nearest zero, and every ``schedule:`` spec is a schedule row. None when
+    temperature has no bracket (nothing to read the rows against)."""
+    roles = {spec: {**r, "roles": ["schedule"] if spec.startswith("schedule:") else []} for spec, r in results.items()}
+    matched = {}
+    for name, (identity, _, log) in KNOBS.items():
+        points = {value: spec for spec in results for fam, value in [family(spec)] if fam == name}
+        if identity is not None and "base" in results:
+            points.setdefault(identity, "base")
+        known = sorted((value, results[spec]["entce"]) for value, spec in points.items())
+        pairs = [(a, b) for a, b in zip(known, known[1:]) if a[1] * b[1] <= 0]
+        if not pairs:
+            continue
+        lo, hi = min(pairs, key=lambda pair: abs(pair[0][1]) + abs(pair[1][1]))
+        x, fx = min((lo, hi), key=lambda point: abs(point[1]))
+        within = all(abs(f) <= _finite_or_zero(roles[points[v]].get("entce_stderr")) for v, f in (lo, hi))
+        found = {"x": x, "fx": fx, "bracket": [list(lo), list(hi)], "history": [list(p) for p in known],
+                 "converged": within}
+        matched[name] = {"knob": name, **matched_entry(found, points, roles, log), "measure_calls": 0}
+    if "temperature" not in matched:
+        return None
+    return equal_entropy(roles, matched)
+
+
 def schedule_specs(model: PreTrainedModel, tokenizer, schedules: list[str], preset: Preset) -> list[str]:
     """The ``schedule:FILE`` spec of each schedule file, every file checked first against the model, the
     tokenizer and the preset's generation length (a schedule fitted for another model, head or T is

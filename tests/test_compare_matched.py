@@ -17,6 +17,7 @@ from calibrated_sampling.compare import (
     find_root,
     interpolate_at_zero,
     matched_entry,
+    measured_equal_entropy,
     paired_difference,
 )
 from calibrated_sampling.metrics import per_bin_entce
@@ -121,6 +122,25 @@ def test_paired_difference_and_the_equal_entropy_rows():
     assert equal["rows"]["temperature"]["paired_difference"] == pytest.approx(0.0, abs=1e-12)
     old = equal["rows"]["old"]  # a measurement from before per-prompt values: the difference, no s.e.
     assert old["paired_difference"] == pytest.approx(-0.1) and math.isnan(old["paired_stderr"])
+
+
+def test_a_measure_run_is_read_at_equal_entropy_from_its_own_brackets():
+    """`measure` with two temperatures around EntCE 0 and a schedule: the schedule's row against temperature
+    interpolated between them; base counts as temperature 1 and top-p 1; a knob without a bracket is left out."""
+    results = {"base": summary(0.3, 3.3, 0.8), "temperature=0.9": summary(-0.1, 3.0, 0.5),
+               "temperature=0.95": summary(0.1, 3.2, 0.7), "top_p=0.95": summary(0.2, 3.25, 0.75),
+               "schedule:s.json": summary(0.0, 3.05, 0.65)}
+    results["schedule:s.json"]["per_prompt"]["log_loss"] = [3.0, 3.1]
+    equal = measured_equal_entropy(results)
+    assert equal["reference"] == "temperature=0.9"  # the end nearest zero (a tie: the first)
+    assert set(equal["rows"]) == {"temperature", "schedule:s.json"}  # top-p 0.95 and 1: both above 0
+    assert equal["rows"]["temperature"]["log_loss"] == pytest.approx(3.1)
+    row = equal["rows"]["schedule:s.json"]
+    assert row["kind"] == "schedule" and row["paired_difference"] == pytest.approx(-0.05)
+    assert row["paired_stderr"] == pytest.approx(0.05)
+    assert "roles" not in results["base"] or results["base"]["roles"] == []  # the caller's results untouched
+    # No temperature bracket: nothing to read against.
+    assert measured_equal_entropy({"base": summary(0.3, 3.3, 0.8), "temperature=0.95": summary(0.1, 3.2, 0.7)}) is None
 
 
 # --- per-bin EntCE ----------------------------------------------------------------------------------------

@@ -210,6 +210,14 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
                  f"base,schedule:{schedule_file}", "--out", str(tmp_path / "measure")]) == 0
     results = json.loads((tmp_path / "measure" / "results.json").read_text())["samplers"]
     assert {"base", f"schedule:{schedule_file}"} <= set(results)
+    capsys.readouterr()
+    # `generate` samples the schedule; a --scale is a head's option, refused for a schedule.
+    assert main(["generate", "--model", str(tmp_path / "model"), "--schedule", str(schedule_file),
+                 "--prompt", "w1 w2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("w1 w2")
+    assert main(["generate", "--model", str(tmp_path / "model"), "--schedule", str(schedule_file),
+                 "--prompt", "w1", "--scale", "0.5"]) == 2
+    assert "`--scale` 0.5 applies to --head only" in capsys.readouterr().err
     # One round cannot converge from the base model: exit 1, nothing written.
     assert main([*fit_args[:-2], "--max-rounds", "1", "--out", str(tmp_path / "none.json")]) == 1
     assert "did not converge" in capsys.readouterr().err and not (tmp_path / "none.json").exists()

@@ -28,3 +28,10 @@ def test_generate_calibrated_example_writes_a_continuation():
     text = run_example("generate_calibrated.py")
     assert text.startswith("It is a truth universally acknowledged that")
     assert len(text.split()) > 40  # the prompt is 7 words; the shipped schedule generates up to 256 tokens
+
+
+@pytest.mark.slow
+def test_generate_with_schedule_example_writes_a_continuation():
+    text = run_example("generate_with_schedule.py")
+    assert text.startswith("The with statement is used to")
+    assert len(text.split()) > 40
