@@ -418,4 +418,4 @@ def test_cli_generate(tmp_path, capsys):
     assert main([*common, "--head", str(tmp_path / "bare")]) == 2
     assert "has no fitted calibration" in capsys.readouterr().err
     assert main([*common, "--head", str(tmp_path / "fitted"), "--max-new-tokens", "9"]) == 2
-    assert "longer than the head's fitted schedule" in capsys.readouterr().err
+    assert "longer than the fitted schedule" in capsys.readouterr().err
