@@ -386,7 +386,7 @@ def paired_difference(method: dict, reference: dict) -> dict:
 
 def equal_entropy(results: dict[str, dict], matched: dict[str, dict]) -> dict:
     """Every method at EntCE = 0 read against temperature there: each matched knob (interpolated) and each
-    schedule (role "schedule", calibrated by construction, as measured). Per row: log loss and its paired
+    schedule (role "schedule", calibrated on its fit text, as measured). Per row: log loss and its paired
     difference to temperature's interpolated log loss, distinct-2, seq-rep-4, the largest per-bin |EntCE|
     and seconds per generated token. {"reference": temperature's spec or None (no bracket), "rows"}."""
     reference = matched.get("temperature")

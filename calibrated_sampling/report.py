@@ -208,8 +208,8 @@ def format_equal_entropy(payload: dict) -> list[str]:
                  _fmt(row["seconds_per_token"], 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "Matched knobs: interpolated between their bracket's two measurements; schedules: as measured "
-                    "(calibrated by construction). Δ log loss: paired over the same prompts and seed against "
-                    "temperature's interpolation (each prompt's log loss from the same two temperature measurements "
+                    "(calibrated on the text they were fitted on; their EntCE column says how well elsewhere). "
+                    "Δ log loss: paired over the same prompts and seed against temperature's interpolation (each prompt's log loss from the same two temperature measurements "
                     "with the same weight); - where a measurement predates per-prompt values. † smoothed log loss "
                     "(a truncating method's log loss is infinite). s / token: the measurement's wall time over its "
                     "generated tokens (warper samplers share one teacher-forced decoder pass, so theirs is lower)."]

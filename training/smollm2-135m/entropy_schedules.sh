@@ -5,7 +5,10 @@
 # (text the head never saw; ../shared/data/austen holds the six novels as plain text, e.g. from Project
 # Gutenberg), 48 fit prompts, 128 held-out prompts measured into the same journal as the log-loss result:
 #   training/smollm2-135m/entropy_schedules.sh
-#   DATA=pydoc T=256 NAME=pydoc-256 OUT=results/compare-full-schedules PROMPTS=64 training/smollm2-135m/entropy_schedules.sh
+#   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
+#     TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973 training/smollm2-135m/entropy_schedules.sh
+# (the README's pydoc result; TEMPERATURE: the samplers measured beside the schedules, two of them on either
+# side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0)
 # Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its journal entry, so an
 # interrupted run picks up where it stopped.
 set -euo pipefail
