@@ -212,7 +212,7 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert {"model", "data", "settings", "samplers", "matched"} <= set(results)
     assert set(results["matched"]) == {"temperature", "top_p", "min_p"}
-    for name in ("base", "temperature=0.9", "top_p=0.95", "top_k=50", "min_p=0.05", "typical_p=0.95",
+    for name in ("base", "temperature=0.9", "top_p=0.95", "top_k=50", "min_p=0.05",
                  "eta=0.0009", "epsilon=0.0003"):
         r = results["samplers"][name]
         assert isinstance(r["entce"], float) and isinstance(r["self_bleu"], float) and "per_step" in r
@@ -279,3 +279,23 @@ def test_smollm2_lookahead_equals_the_formula(smollm):
     for t in range(2):
         log_q = formula_log_q(model, [*ids[:-2], *ids[len(ids) - 2:len(ids) - 2 + t]], 0.3, 4)
         assert out["log_loss"][0, t].item() == pytest.approx(-log_q[ids[len(ids) - 2 + t]].item(), abs=1e-3)
+
+
+def test_journal_fingerprint_follows_what_the_numbers_depend_on(tiny):
+    """A comparison whose grid changed resumes its journal (a measurement's numbers do not depend on which
+    other settings are measured); another batch size, length or lookahead is another comparison. And
+    typical_p is in no default grid: on a large vocabulary it keeps top-p's tokens (a second name)."""
+    from dataclasses import replace
+
+    from calibrated_sampling.compare import PRESETS, comparison_fingerprint
+    from calibrated_sampling.data import Window
+
+    model, tokenizer = tiny
+    windows = [Window(prompt_ids=(1, 5, 6, 7), continuation_ids=(8, 9, 10), doc_key="d", source="test")]
+    preset = PRESETS["quick"]
+    same = comparison_fingerprint(model, tokenizer, windows, None, preset, 0)
+    assert comparison_fingerprint(model, tokenizer, windows, None, replace(preset, temperature=(0.8, 0.9),
+                                                                           typical_p=(0.5,)), 0) == same
+    for change in ({"batch_size": 4}, {"lookahead_top": 3}, {"max_new_tokens": 40}):
+        assert comparison_fingerprint(model, tokenizer, windows, None, replace(preset, **change), 0) != same
+    assert all(not p.typical_p for p in PRESETS.values())
