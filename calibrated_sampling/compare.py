@@ -302,13 +302,13 @@ class Comparison:
 
         known = sorted((v, entce_at(v)) for v in list(points))
         for end in search_range:  # no sign change among the grid points: try the ends of the range
-            if any(a[1] * b[1] <= 0 for a, b in zip(known, known[1:])):
+            if nearest_bracket(known) is not None:
                 break
             if end not in points:
                 known = sorted([*known, (end, entce_at(end))])
-        pairs = [(a, b) for a, b in zip(known, known[1:]) if a[1] * b[1] <= 0]
-        if pairs:
-            (lo, f_lo), (hi, f_hi) = min(pairs, key=lambda pair: abs(pair[0][1]) + abs(pair[1][1]))
+        bracket = nearest_bracket(known)
+        if bracket is not None:
+            (lo, f_lo), (hi, f_hi) = bracket
             found = find_root(entce_at, lo, hi, f_lo, f_hi, iterations, tol, log=log, stderr=stderr_at)
         else:
             x, fx = min(known, key=lambda point: abs(point[1]))
@@ -317,6 +317,13 @@ class Comparison:
         self.run(points[found["x"]], f"matched {name}")
         entry = matched_entry(found, points, self.results, log)
         return {"knob": name, **entry, "measure_calls": calls}
+
+
+def nearest_bracket(known: list[tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Of measured (setting, EntCE) points sorted by setting, the adjacent pair whose EntCE brackets 0 with the
+    smallest |EntCE| at its ends, or None when no adjacent pair changes sign."""
+    pairs = [(a, b) for a, b in zip(known, known[1:]) if a[1] * b[1] <= 0]
+    return min(pairs, key=lambda pair: abs(pair[0][1]) + abs(pair[1][1])) if pairs else None
 
 
 def _finite_or_zero(value: float | None) -> float:
@@ -464,10 +471,10 @@ def measured_equal_entropy(results: dict[str, dict]) -> dict | None:
         if identity is not None and "base" in results:
             points.setdefault(identity, "base")
         known = sorted((value, results[spec]["entce"]) for value, spec in points.items())
-        pairs = [(a, b) for a, b in zip(known, known[1:]) if a[1] * b[1] <= 0]
-        if not pairs:
+        bracket = nearest_bracket(known)
+        if bracket is None:
             continue
-        lo, hi = min(pairs, key=lambda pair: abs(pair[0][1]) + abs(pair[1][1]))
+        lo, hi = bracket
         x, fx = min((lo, hi), key=lambda point: abs(point[1]))
         within = all(abs(f) <= _finite_or_zero(roles[points[v]].get("entce_stderr")) for v, f in (lo, hi))
         found = {"x": x, "fx": fx, "bracket": [list(lo), list(hi)], "history": [list(p) for p in known],
