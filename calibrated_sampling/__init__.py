@@ -6,17 +6,18 @@ layer or lower ones only, and no modules import each other in a circle, not even
 (tests/test_layers.py reads this map and checks both; a new module gets a place in it):
 
     foundations   files, data, models, metrics
-    sampling      samplers, heads, calibrator, schedule, lookahead, value, lookahead_value
+    sampling      samplers, heads, calibrator, lookahead, value, lookahead_value, lookahead_schedule, schedule
     measurement   measure, mauve, journal
     training      label_store, labels, label_rows, train, fit, lookahead_fit, entropy_fit, entropy_markov, value_train, lookahead_value_fit
-    output        compare, report, theory, cli
+    output        compare, report, theory, cli_lookahead, cli
 
 - foundations: atomic file writes; human text as documents and prompt / continuation windows (and
   their padded batches); loading models offline and naming them (fingerprints, EOS and pad ids);
   entropy, log loss and diversity metrics.
 - sampling: what turns the model's p into the sampled q inside ``generate()``: sampler specs and
   their keys, the future-entropy head, the calibrator and its fitted schedule, the lookahead baseline,
-  the state-value head and the lookaheads beyond one step (state value after each candidate, two-step).
+  the state-value head, the lookaheads beyond one step (state value after each candidate, two-step)
+  and the schedule whose F is the one-step lookahead.
 - measurement: one pass that measures human log loss and generation entropy per sampler; MAUVE; the
   journal that keeps finished measurements.
 - training: future-entropy labels and their folders, head and state-value training, the fits of the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, cli_lookahead
 from .files import write_atomic
 
 
@@ -342,6 +342,13 @@ def _check_fit_args(args) -> None:
         raise ValueError(f"`--heldout-prompts` must be 0 or more, but is {args.heldout_prompts}")
     if args.head is not None and not Path(args.head).is_dir():
         raise FileNotFoundError(f"`--head` {args.head!r} is not a folder")
+    if args.lookahead_top is not None:
+        if args.objective != "entropy" or args.head is not None:
+            raise ValueError(f"`--lookahead-top` {args.lookahead_top} is the F of an entropy-matched schedule: it "
+                             "goes with --objective entropy and without --head")
+        if args.lookahead_top < 2:
+            raise ValueError(f"`--lookahead-top` must be at least 2 (with one candidate F is constant), but is "
+                             f"{args.lookahead_top}")
     if args.objective == "entropy":
         if not args.out or not args.out.endswith(".json"):
             raise ValueError(f"`--objective entropy` writes a schedule file: `--out` must name a .json file, but is "
@@ -375,8 +382,9 @@ def _fit_entropy(args) -> int:
     # Every round is kept beside the output: an interrupted fit, or one given more --max-rounds, resumes.
     rounds = Path(args.out).with_suffix(".rounds.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    future = ("lookahead", args.lookahead_top) if args.lookahead_top else args.head or "none"
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=args.max_new_tokens, bin_size=args.bin_size,
-                              future=args.head or "none", batch_size=args.batch_size, seed=args.seed,
+                              future=future, batch_size=args.batch_size, seed=args.seed,
                               max_rounds=args.max_rounds, checkpoint=rounds)
     fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=_machine(),
                          version=__version__)
@@ -676,6 +684,9 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--head", default=None,
                    help="head folder whose F the schedule weights (entropy: optional, none = a per-step temperature "
                         "schedule; log-loss: required, and the weights go into its config.json unless --out)")
+    p.add_argument("--lookahead-top", type=int, default=None,
+                   help="entropy: F from the exact one-step lookahead over the top C candidates instead of a head "
+                        "(C + 1 tokens per row and step: slow on a CPU)")
     p.add_argument("--out", default=None,
                    help="FILE.json: write a schedule file (spec schedule:FILE); log-loss only: a folder gets a copy "
                         "of the head with the weights")
@@ -787,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_theory_parser(sub)
     _add_corpus_exponent_parser(sub)
     _add_scaling_parser(sub)
+    cli_lookahead.add_parsers(sub, _add_model_args)  # train-value, lookahead-fit
     return parser
 
 

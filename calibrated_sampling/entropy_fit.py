@@ -52,11 +52,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from .calibrator import FutureEntropyCalibrator
+from .calibrator import FutureEntropyCalibrator, schedule_weights
 from .data import Window, batch_windows, cut_windows, windows_digest
 from .files import write_atomic
 from .fit import _bin_sums, human_states
 from .heads import FutureEntropyHead, weights_file_digest
+from .lookahead_fit import candidate_rows
+from .lookahead_schedule import ScheduledLookaheadProcessor, lookahead_future
 from .measure import generate_with_entropy
 from .models import model_fingerprint, pad_token_id, tokenizer_fingerprint, weights_digest
 
@@ -65,6 +67,7 @@ REFINE_POINTS = 8  # second-pass points between the best coarse m's neighbours
 MAX_A_STEP = 0.5  # largest change of any a_j in one round: a trust region for a poorly known slope
 MIN_A = 0.05  # a_j stays positive (a <= 0 would reverse or flatten p completely)
 HUMAN_KEYS = ("weight", "loss", "entropy", "grad_a", "grad_b", "h_bb")
+LOSS_KEYS = ("weight", "loss")  # what the multiplier search reads: a third of the cost of all of HUMAN_KEYS
 
 # Rows of the human side: log p (n, V), F (n, V) or None (F = 0), human token (n,), group (n,), weight or None.
 # group = prompt * num_bins + bin, so one pass gives per-prompt sums (standard errors) and per-bin sums.
@@ -75,15 +78,16 @@ HumanChunk = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tens
 # The human (teacher-forced) side
 
 
-def human_sums(chunks: Callable[[], Iterable[HumanChunk]], ab: torch.Tensor, num_prompts: int) -> dict:
+def human_sums(chunks: Callable[[], Iterable[HumanChunk]], ab: torch.Tensor, num_prompts: int,
+               keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
     """Weighted sums of the human-side row stats for K candidate weights per bin.
 
     ab: (num_bins, K, 2) candidate (a, b) of every bin -> {key: (num_prompts, num_bins, K)} float64 on the CPU,
     keys ``weight``, ``loss`` (-log q(y)), ``entropy`` (H(q) at the human prefix), ``grad_a``, ``grad_b``
-    (derivatives of the loss) and ``h_bb`` (its second derivative in b).
+    (derivatives of the loss) and ``h_bb`` (its second derivative in b); ``keys`` chooses which.
     """
     num_bins, count, _ = ab.shape
-    sums = _bin_sums(chunks, ab, torch.float64, num_groups=num_prompts * num_bins, keys=HUMAN_KEYS)
+    sums = _bin_sums(chunks, ab, torch.float64, num_groups=num_prompts * num_bins, keys=keys)
     if float(sums["weight"].sum()) == 0:
         raise ValueError("the human side has no rows: nothing to fit on")
     return {key: value.reshape(num_prompts, num_bins, count) for key, value in sums.items()}
@@ -92,7 +96,7 @@ def human_sums(chunks: Callable[[], Iterable[HumanChunk]], ab: torch.Tensor, num
 def bin_means(sums: dict) -> dict:
     """Per-bin means (num_bins, K) of :func:`human_sums`' per-prompt sums; ``tokens`` is the bin's weight."""
     weight = sums["weight"].sum(0)
-    means = {key: sums[key].sum(0) / weight.clamp(min=1e-300) for key in HUMAN_KEYS if key != "weight"}
+    means = {key: value.sum(0) / weight.clamp(min=1e-300) for key, value in sums.items() if key != "weight"}
     return {"tokens": weight, **means}
 
 
@@ -102,7 +106,7 @@ def fit_b(human: Callable[[torch.Tensor], dict], a: torch.Tensor, b: torch.Tenso
     candidate per pass (a pass over the human side is the fit's cost), the step of a bin halved after a
     step that did not lower its loss (the loss is convex in b, so full steps nearly always do).
 
-    ``human(ab (num_bins, K, 2))`` returns :func:`bin_means`. A bin where F does not vary over the
+    ``human(ab (num_bins, K, 2), keys=HUMAN_KEYS)`` returns :func:`bin_means`. A bin where F does not vary over the
     vocabulary (the last step, k = 0) has no curvature and keeps its b.
     """
     b = b.clone().double()
@@ -145,7 +149,8 @@ def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[t
         gen: generation side, per bin (num_bins,): ``entropy``, ``dh_da``, ``dh_db``; optionally ``jac_a``,
             ``jac_b`` (num_bins, num_bins), the total derivatives of every bin's gap in every a and b (then
             used instead of each bin's own slope).
-        human: ``ab (num_bins, K, 2) -> bin_means`` of the teacher-forced rows (F held at its current value).
+        human: ``(ab (num_bins, K, 2), keys=HUMAN_KEYS) -> bin_means`` of the teacher-forced rows (F held at
+            its current value).
         use_future: False for F = 0 (b stays 0: a per-step temperature schedule).
         multipliers: the grid of m searched (refined around its best), or one number m to keep fixed.
         b_damping: the fraction of the way from b to the chosen m b_fit taken this round (1: all of it).
@@ -179,7 +184,7 @@ def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[t
     a_new = (a + step).clamp(min=MIN_A)
     tokens = now["tokens"][:, 0]
     if not use_future:
-        loss = human(torch.stack([a_new, b], -1)[:, None])["loss"][:, 0]
+        loss = human(torch.stack([a_new, b], -1)[:, None], keys=LOSS_KEYS)["loss"][:, 0]
         return {"a": a_new, "b": b.clone(), "multiplier": 0.0, "b_fit": b.clone(),
                 "predicted_loss": float((loss * tokens).sum() / tokens.sum())}
     b_fit = fit_b(human, a_new, b)
@@ -188,7 +193,7 @@ def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[t
         """(a (num_bins, K), b (num_bins, K), total loss (K,)) for multipliers ms (K,), a re-matched to first order."""
         cand_b = b[:, None] + b_damping * (b_fit[:, None] * ms[None] - b[:, None])
         cand_a = (a_new[:, None] + rematch(cand_b - b[:, None])).clamp(min=MIN_A)
-        loss = human(torch.stack([cand_a, cand_b], -1))["loss"]  # (num_bins, K)
+        loss = human(torch.stack([cand_a, cand_b], -1), keys=LOSS_KEYS)["loss"]  # (num_bins, K)
         return cand_a, cand_b, (loss * tokens[:, None]).sum(0) / tokens.sum()
 
     if isinstance(multipliers, (int, float)):
@@ -215,9 +220,22 @@ def within_error(gap: torch.Tensor, stderr: torch.Tensor, tol: float = 0.0) -> t
 # The language-model side: generation under the schedule, recording H(q) and its slopes
 
 
+def _recorded_step(logp: torch.Tensor, future: torch.Tensor, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q's logits s = a l - b F (float32 (B, V)) and (B, 3) float32 H(q), dH/da = -Cov_q(l, s),
+    dH/db = Cov_q(F, s), from float64 log p and F (the covariances of a 49k vocabulary)."""
+    logits = a * logp - b * future
+    log_q = torch.log_softmax(logits, -1)
+    q = log_q.exp()
+    centred = logits - (q * logits).sum(-1, keepdim=True)  # s - E_q s
+    entropy = -(q * log_q).sum(-1)
+    dh_da = -(q * (logp - (q * logp).sum(-1, keepdim=True)) * centred).sum(-1)
+    dh_db = (q * (future - (q * future).sum(-1, keepdim=True)) * centred).sum(-1)
+    return logits.float(), torch.stack([entropy, dh_da, dh_db], -1).float().cpu()
+
+
 class _RecordingCalibrator(FutureEntropyCalibrator):
     """Samples q exactly as :class:`FutureEntropyCalibrator` (never fused: the exact path sees log p and F
-    separately) and records, at every step, H(q), dH/da = -Cov_q(l, s) and dH/db = Cov_q(F, s)."""
+    separately) and records, at every step, H(q) and its slopes (:func:`_recorded_step`)."""
 
     def __init__(self, head, calibration: dict):
         super().__init__(head, calibration, fused=False)
@@ -226,20 +244,31 @@ class _RecordingCalibrator(FutureEntropyCalibrator):
     @torch.no_grad()
     def _exact(self, scores: torch.Tensor, hidden: torch.Tensor, step: int) -> torch.Tensor:
         a, b, k = self._weights(step)
-        logp = torch.log_softmax(scores.double(), -1)  # float64: the covariances of a 49k vocabulary
+        logp = torch.log_softmax(scores.double(), -1)
         if self.head is None:
             future = torch.zeros_like(logp)
         else:
             future = self.head(hidden, torch.tensor(k)).double().to(logp.device)  # (B, V)
-        logits = a * logp - b * future
-        log_q = torch.log_softmax(logits, -1)
-        q = log_q.exp()
-        centred = logits - (q * logits).sum(-1, keepdim=True)  # s - E_q s
-        entropy = -(q * log_q).sum(-1)
-        dh_da = -(q * (logp - (q * logp).sum(-1, keepdim=True)) * centred).sum(-1)
-        dh_db = (q * (future - (q * future).sum(-1, keepdim=True)) * centred).sum(-1)
-        self.records.append(torch.stack([entropy, dh_da, dh_db], -1).float().cpu())
-        return logits.float()
+        logits, stats = _recorded_step(logp, future, a, b)
+        self.records.append(stats)
+        return logits
+
+
+class _RecordingLookahead(ScheduledLookaheadProcessor):
+    """Samples the lookahead schedule's q and records what :class:`_RecordingCalibrator` records; F is
+    needed at every step, also where b = 0 (its slope dH/db)."""
+
+    def __init__(self, model, calibration: dict, top: int):
+        super().__init__(model, calibration, top)
+        self.records: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def scheduled_logits(self, input_ids: torch.Tensor, scores: torch.Tensor, step: int) -> torch.Tensor:
+        a, b = schedule_weights(self.calibration, step)
+        logp = torch.log_softmax(scores.double(), -1)
+        logits, stats = _recorded_step(logp, self.future(input_ids, logp.float()).double(), a, b)
+        self.records.append(stats)
+        return logits
 
 
 def schedule_calibration(a: Sequence[float], b: Sequence[float], max_new_tokens: int, bin_size: int) -> dict:
@@ -250,12 +279,16 @@ def schedule_calibration(a: Sequence[float], b: Sequence[float], max_new_tokens:
 
 @torch.no_grad()
 def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: torch.Tensor, *, max_new_tokens: int,
-                    bin_size: int, pad_id: int, batch_size: int, seed: int, progress: bool = False) -> torch.Tensor:
+                    bin_size: int, pad_id: int, batch_size: int, seed: int, progress: bool = False,
+                    lookahead_top: int | None = None) -> torch.Tensor:
     """Sample every window's prompt under the schedule: per prompt and bin, the running-step sums of
     (count, H(q), dH/da, dH/db), shape (prompts, num_bins, 4). Each batch has its own fixed seed, the
-    same in every round (common random numbers: the rounds' differences are the schedule's, not noise)."""
+    same in every round (common random numbers: the rounds' differences are the schedule's, not noise).
+    F: the head's (None: F = 0), or with ``lookahead_top`` C the one-step lookahead's (lookahead_schedule.py)."""
     num_bins = math.ceil(max_new_tokens / bin_size)
-    recorder = _RecordingCalibrator(head, schedule_calibration(a, b, max_new_tokens, bin_size))
+    calibration = schedule_calibration(a, b, max_new_tokens, bin_size)
+    recorder = (_RecordingCalibrator(head, calibration) if lookahead_top is None
+                else _RecordingLookahead(model, calibration, lookahead_top))
     sums = torch.zeros(len(windows), num_bins, 4, dtype=torch.float64)
     with recorder.attached(model):
         for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="generate", unit="batch",
@@ -275,13 +308,17 @@ def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: 
 
 
 def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int, pad_id: int,
-                  batch_size: int, progress: bool, cache_elements: int | None = None) -> Callable[[], Iterable[HumanChunk]]:
+                  batch_size: int, progress: bool, cache_elements: int | None = None,
+                  lookahead: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[], Iterable[HumanChunk]]:
     """The human side of ``windows``: one teacher-forced pass caches the hidden states; log p (and F) are
-    kept in memory when they fit in ``cache_elements`` floats (default: a quarter of the free memory), else
-    recomputed in chunks at every pass (an output-embedding product over every human token: the fit's
-    largest cost on a CPU)."""
+    kept in memory when they fit in ``cache_elements`` floats (default: half of the free memory), else
+    recomputed in chunks at every pass (an output-embedding product, and the head's, over every human
+    token at each of a round's 20-odd passes: the fit's largest cost on a CPU). A head fit of 48 prompts
+    x 512 tokens holds 9.6 GB this way; the generation beside it needs little (a 135M model's cache).
+    ``lookahead``: the rows' candidates and next-step entropies (lookahead_fit.candidate_rows), whose F
+    replaces the head's."""
     if cache_elements is None:
-        cache_elements = _free_bytes() // 4 // 4  # float32
+        cache_elements = _free_bytes() // 2 // 4  # float32
     states = human_states(model, windows, max_new_tokens, pad_id, batch_size, progress)
     num_bins = math.ceil(max_new_tokens / bin_size)
     rows = len(states["target"])
@@ -294,12 +331,14 @@ def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int
     def compute(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = states["hidden"][i:j]
         logp = torch.log_softmax(output(hidden).float(), -1)  # (n, V)
+        if lookahead is not None:
+            return logp, lookahead_future(logp, lookahead[0][i:j].to(logp.device), lookahead[1][i:j].to(logp.device))
         future = None if head is None else head(hidden, max_new_tokens - 1 - step[i:j]).float()
         return logp, future
 
     with torch.no_grad():
         cached = [compute(i, i + chunk_rows) for i in range(0, rows, chunk_rows)] \
-            if rows * vocab * (1 if head is None else 2) <= cache_elements else None
+            if rows * vocab * (1 if head is None and lookahead is None else 2) <= cache_elements else None
 
     @torch.no_grad()
     def chunks():
@@ -322,8 +361,11 @@ def _future_record(future) -> tuple[str, object]:
     if isinstance(future, str) and future == "none":
         return "none", None
     if isinstance(future, tuple) and len(future) == 2 and future[0] == "lookahead":
-        raise ValueError(f"`future` {future!r}: the lookahead's entropy-matched schedule is not built yet "
-                         "(it needs a per-step alpha in LookaheadProcessor); use 'none' or a head folder")
+        top = future[1]
+        if isinstance(top, bool) or not isinstance(top, int) or top < 2:
+            raise ValueError(f"`future` {future!r}: the lookahead's C must be an integer of at least 2 (with one "
+                             f"candidate F is constant), but is {top!r}")
+        return "lookahead", top
     if isinstance(future, (str, bytes)) or hasattr(future, "__fspath__"):
         return "head", future
     raise ValueError(f"`future` must be 'none', a head folder or ('lookahead', C), but is {future!r}")
@@ -338,7 +380,9 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     Args:
         windows: prompts with at least ``max_new_tokens`` human continuation tokens each.
         max_new_tokens: T, the generation length the schedule is for; bins of ``bin_size`` steps.
-        future: ``"none"`` (F = 0: a per-step temperature schedule) or a head folder (F from its head).
+        future: ``"none"`` (F = 0: a per-step temperature schedule), a head folder (F from its head) or
+            ``("lookahead", C)`` (the exact one-step lookahead over the top C: lookahead_schedule.py; C + 1
+            tokens per row and step, in the generations and in one teacher-forced pass).
         seed: of the generations (the same every round).
         max_rounds: rounds of sampling before the fit gives up (then ``report["converged"]`` is False).
         multipliers: the grid of the global multiplier m of the log-loss b (module docstring), or one m.
@@ -358,19 +402,23 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     if not windows:
         raise ValueError("`windows` is empty: nothing to fit on")
     windows = cut_windows(windows, max_new_tokens, "windows")
-    kind, head_dir = _future_record(future)
-    head, record = None, {"kind": "none"}
+    kind, what = _future_record(future)
+    head, record, top = None, {"kind": "none"}, None
     if kind == "head":
-        head = FutureEntropyHead.from_pretrained(head_dir, model, tokenizer).eval()
-        record = {"kind": "head", "path": str(head_dir), "sha256": weights_file_digest(head_dir)}
+        head = FutureEntropyHead.from_pretrained(what, model, tokenizer).eval()
+        record = {"kind": "head", "path": str(what), "sha256": weights_file_digest(what)}
+    elif kind == "lookahead":
+        top, record = what, {"kind": "lookahead", "top": what}
     started = time.perf_counter()
     num_bins, prompts = math.ceil(max_new_tokens / bin_size), len(windows)
     pad_id = pad_token_id(tokenizer)
     settings = {"max_new_tokens": max_new_tokens, "bin_size": bin_size, "pad_id": pad_id, "batch_size": batch_size}
-    chunks = _human_chunks(model, head, windows, progress=progress, **settings)
+    # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit.
+    lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size)
+    chunks = _human_chunks(model, head, windows, progress=progress, lookahead=lookahead, **settings)
 
-    def human(ab: torch.Tensor) -> dict:
-        return bin_means(human_sums(chunks, ab, prompts))
+    def human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
+        return bin_means(human_sums(chunks, ab, prompts, keys))
 
     a = torch.ones(num_bins, dtype=torch.float64)
     b = torch.zeros(num_bins, dtype=torch.float64)
@@ -389,7 +437,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     first = len(history) + 1
     last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
     for round_ in range(first, last + 1):
-        gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, **settings)
+        gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, lookahead_top=top,
+                              **settings)
         generated += int(gen[..., 0].sum())  # steps of rows still running (EOS ends a row early)
         tf = human_sums(chunks, torch.stack([a, b], -1)[:, None], prompts)  # per prompt: standard errors
         bins = _bin_report(gen, tf, a, b, bin_size, max_new_tokens)
@@ -407,7 +456,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         count = gen[..., 0].sum(0).clamp(min=1)
         gen_means = {"entropy": gen[..., 1].sum(0) / count, "dh_da": gen[..., 2].sum(0) / count,
                      "dh_db": gen[..., 3].sum(0) / count}
-        update = match_update(a, b, gen_means, human, use_future=head is not None, multipliers=multipliers,
+        update = match_update(a, b, gen_means, human, use_future=kind != "none", multipliers=multipliers,
                               measured_slope=_secant_slope(history))
         if checkpoint is not None:  # the next schedule to measure: a rerun with more rounds starts there
             write_atomic(checkpoint, json.dumps({"identity": identity, "a": update["a"].tolist(),

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .entropy_fit import DEFAULT_MULTIPLIERS, bin_means, human_sums, match_update
+from .entropy_fit import DEFAULT_MULTIPLIERS, HUMAN_KEYS, bin_means, human_sums, match_update
 from .fit import _row_entropy, markov_measures, tensor_chunks
 
 FUTURES = ("none", "exact")
@@ -119,8 +119,8 @@ def markov_entropy_fit(human: torch.Tensor, model: torch.Tensor, initial: torch.
         chunks = tensor_chunks(logp[state].repeat(steps, 1), f[step_of_row], token.repeat(steps),
                                bin_of_step[step_of_row], weight)
 
-        def exact_human(ab: torch.Tensor) -> dict:
-            return bin_means(human_sums(chunks, ab, 1))
+        def exact_human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
+            return bin_means(human_sums(chunks, ab, 1, keys))
 
         now = exact_human(torch.stack([a, b], -1)[:, None])
         return {"gen": {"entropy": per_bin[:, 0], "dh_da": per_bin[:, 1], "dh_db": per_bin[:, 2]},

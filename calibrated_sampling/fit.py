@@ -71,25 +71,28 @@ Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Ten
 
 
 def _row_stats(logp: torch.Tensor, future: torch.Tensor, target: torch.Tensor, a: torch.Tensor,
-               b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row loss, entropy, gradient and Hessian of q ∝ exp(a logp - b future): (n, V) inputs, (n,) weights."""
+               b: torch.Tensor, keys: tuple[str, ...] = SUM_KEYS) -> dict[str, torch.Tensor]:
+    """Per-row loss, entropy, gradient and Hessian of q ∝ exp(a logp - b future): (n, V) inputs, (n,) weights.
+
+    Only ``keys`` are computed: the loss alone needs one logsumexp over the vocabulary, the moments a
+    dozen vocabulary-sized operations more (the entropy fit's multiplier search asks for the loss only)."""
     logits = a[:, None] * logp - b[:, None] * future  # (n, V)
     lse = torch.logsumexp(logits, -1)  # (n,)
-    q = torch.exp(logits - lse[:, None])
-    e_lp, e_f = (q * logp).sum(-1), (q * future).sum(-1)  # E_q log p, E_q F
     lp_y = logp.gather(-1, target[:, None])[:, 0]
     f_y = future.gather(-1, target[:, None])[:, 0]
+    out = {"loss": lse - (a * lp_y - b * f_y)}  # -log q(y)
+    if not set(keys) - {"loss", "weight"}:
+        return out
+    q = torch.exp(logits - lse[:, None])
+    e_lp, e_f = (q * logp).sum(-1), (q * future).sum(-1)  # E_q log p, E_q F
     d_lp, d_f = logp - e_lp[:, None], future - e_f[:, None]  # centred first: no cancellation in the covariances
-    q_dlp = q * d_lp
-    return {
-        "loss": lse - (a * lp_y - b * f_y),  # -log q(y)
-        "entropy": lse - (a * e_lp - b * e_f),  # H(q)
-        "grad_a": e_lp - lp_y,
-        "grad_b": f_y - e_f,
-        "h_aa": (q_dlp * d_lp).sum(-1),  # Var_q(log p)
-        "h_ab": -(q_dlp * d_f).sum(-1),  # Cov_q(log p, -F)
-        "h_bb": (q * d_f * d_f).sum(-1),  # Var_q(F)
-    }
+    out.update(entropy=lse - (a * e_lp - b * e_f), grad_a=e_lp - lp_y, grad_b=f_y - e_f)  # H(q), d loss
+    if "h_aa" in keys or "h_ab" in keys:
+        q_dlp = q * d_lp
+        out.update(h_aa=(q_dlp * d_lp).sum(-1), h_ab=-(q_dlp * d_f).sum(-1))  # Var_q(log p), Cov_q(log p, -F)
+    if "h_bb" in keys:
+        out["h_bb"] = (q * d_f * d_f).sum(-1)  # Var_q(F)
+    return out
 
 
 @torch.no_grad()
@@ -119,7 +122,7 @@ def _bin_sums(chunks: Callable[[], Iterable[Chunk]], ab: torch.Tensor, dtype: to
             totals = torch.zeros(count, len(keys), num_groups, dtype=dtype, device=device)
         row_ab = ab.to(device, dtype)[groups % num_bins]  # (n, K, 2): the candidates of each row's bin
         for c in range(count):
-            stats = _row_stats(logp, future, target, row_ab[:, c, 0], row_ab[:, c, 1])
+            stats = _row_stats(logp, future, target, row_ab[:, c, 0], row_ab[:, c, 1], keys)
             stats["weight"] = torch.ones_like(weight)
             totals[c].index_add_(1, groups, torch.stack([stats[key] for key in keys]) * weight)
     if totals is None:

@@ -30,21 +30,40 @@ from .models import pad_token_id
 
 
 class _Recorder(LookaheadSampler):
-    """alpha = 0 (q = p) while recording, per teacher-forced step, log p and H of the candidates."""
+    """alpha = 0 (q = p) while recording, per teacher-forced step, log p (unless ``keep_logp`` is False:
+    then None) and the candidates with their H (or the F of ``source``)."""
 
-    def __init__(self, model: PreTrainedModel, top: int, source: LookaheadEntropy | None = None):
+    def __init__(self, model: PreTrainedModel, top: int, source: LookaheadEntropy | None = None,
+                 keep_logp: bool = True):
         processor = LookaheadProcessor(model, 0.0, top)
         if source is not None:  # another F over the top C: recorded and fitted exactly as the entropy is
             processor.lookahead = source
         super().__init__("lookahead:alpha=0", LogitsProcessorList([processor]))
-        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.keep_logp = keep_logp
+        self.steps: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
 
     def teacher_forced_logits(self, input_ids, base_logits, hidden, step):
         processor: LookaheadProcessor = self.processors[0]
         logp = torch.log_softmax(base_logits.float(), dim=-1)
         candidates, next_entropy = processor.lookahead(input_ids, logp, processor.mask)
-        self.steps.append((logp, candidates, next_entropy))
+        self.steps.append((logp if self.keep_logp else None, candidates, next_entropy))
         return logp
+
+
+def candidate_rows(model: PreTrainedModel, tokenizer, windows: list[Window], top: int,
+                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-C candidates of p (rows, C) and their next-step entropies (rows, C) at every continuation
+    token of ``windows``, rows window-major (window w's step t is row w * T + t)."""
+    pad_id = pad_token_id(tokenizer)
+    recorder = _Recorder(model, top, keep_logp=False)
+    candidates, entropies = [], []
+    with recorder.attach(model):
+        for start in range(0, len(windows), batch_size):
+            recorder.steps.clear()
+            teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
+            candidates.append(torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu())  # (B * T, C)
+            entropies.append(torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu())
+    return torch.cat(candidates), torch.cat(entropies)
 
 
 def lookahead_loss_terms(model: PreTrainedModel, tokenizer, windows: list[Window], top: int = DEFAULT_TOP,
@@ -150,3 +169,18 @@ def fit_lookahead_alpha(model: PreTrainedModel, tokenizer, windows: list[Window]
     result = fit_alpha(lookahead_loss_terms(model, tokenizer, windows, top, batch_size, source))
     result["top"] = top if source is None else source.top
     return result
+
+
+def fit_and_judge_alpha(model: PreTrainedModel, tokenizer, fit_windows: list[Window], eval_windows: list[Window],
+                        top: int = DEFAULT_TOP, source: LookaheadEntropy | None = None, batch_size: int = 8) -> dict:
+    """alpha fitted on ``fit_windows`` (with its clustered s.e.), and the human log loss at 0 and at that
+    alpha on both sides: does this text reward the F, and does the reward carry to windows the fit never saw?"""
+    top = top if source is None else source.top
+    terms = {side: lookahead_loss_terms(model, tokenizer, windows, top, batch_size, source)
+             for side, windows in (("fit", fit_windows), ("eval", eval_windows))}
+    fit = fit_alpha(terms["fit"])
+    return {"top": top, "alpha": fit["alpha"], "alpha_stderr": fit.get("stderr"),
+            "fit": {"tokens": fit["tokens"], "log_loss_alpha0": fit["log_loss_alpha0"], "log_loss": fit["log_loss"],
+                    "in_top_fraction": fit["in_top_fraction"]},
+            "eval": {"tokens": len(terms["eval"]["index"]), "log_loss_alpha0": lookahead_log_loss(terms["eval"], 0.0)[0],
+                     "log_loss": lookahead_log_loss(terms["eval"], fit["alpha"])[0]}}

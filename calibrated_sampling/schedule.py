@@ -29,6 +29,11 @@ from transformers import LogitsProcessorList
 from .calibrator import CalibratedSampler, FutureEntropyCalibrator, check_calibration, head_identity
 from .files import read_json, write_atomic
 from .heads import FutureEntropyHead, weights_file_digest
+from .lookahead_schedule import (
+    ScheduledLookaheadProcessor,
+    ScheduledLookaheadSampler,
+    scheduled_lookahead_sampler,
+)
 from .models import model_fingerprint, tokenizer_fingerprint, weights_digest
 from .samplers import ModelRequired, register_sampler_kind, spec_options
 
@@ -174,14 +179,19 @@ def check_schedule(schedule: Schedule, model=None, tokenizer=None, max_new_token
                              f"{digest[:16]}..., the schedule's {schedule.future['sha256'][:16]}...")
 
 
-def schedule_calibrator(schedule: Schedule, model, **kwargs) -> FutureEntropyCalibrator:
-    """The calibrator that samples ``schedule`` on ``model`` (checked against it); ``kwargs`` go to
-    :class:`FutureEntropyCalibrator` (``past_schedule``, ``fused``)."""
+def schedule_calibrator(schedule: Schedule, model, **kwargs) -> FutureEntropyCalibrator | ScheduledLookaheadProcessor:
+    """The processor that samples ``schedule`` on ``model`` (checked against it): a
+    :class:`FutureEntropyCalibrator` (``kwargs``: ``past_schedule``, ``fused``), or for a lookahead schedule a
+    :class:`.lookahead_schedule.ScheduledLookaheadProcessor` (``kwargs``: ``past_schedule``). Either is used
+    as ``with processor.attached(model): model.generate(..., logits_processor=[processor])``."""
     check_schedule(schedule, model)
     kind = schedule.future["kind"]
     if kind == "lookahead":
-        raise ValueError(f"schedule {schedule.path}: lookahead schedules cannot be sampled yet (the lookahead "
-                         "processor has no per-step weights)")
+        unknown = sorted(set(kwargs) - {"past_schedule"})
+        if unknown:
+            raise ValueError(f"schedule {schedule.path}: a lookahead schedule takes only `past_schedule`, not "
+                             f"{', '.join(unknown)}")
+        return ScheduledLookaheadProcessor(model, schedule.calibration(), schedule.future["top"], **kwargs)
     head = FutureEntropyHead.from_pretrained(schedule.head_dir(), model) if kind == "head" else None
     return FutureEntropyCalibrator(head, schedule.calibration(), **kwargs)
 
@@ -203,7 +213,7 @@ def parse_schedule_spec(spec: str) -> tuple[str, dict]:
     return file, options
 
 
-def schedule_sampler(spec: str, model) -> CalibratedSampler:
+def schedule_sampler(spec: str, model) -> CalibratedSampler | ScheduledLookaheadSampler:
     """Build the sampler of a ``schedule:FILE[:past=error|base][:sha256=D]`` spec (``sha256``: refuse a file
     that changed since the key was made). Its key spells out every option and the file's digest.
 
@@ -218,8 +228,12 @@ def schedule_sampler(spec: str, model) -> CalibratedSampler:
                          f"{digest}: the schedule was refitted or replaced since that key was made")
     if model is None:
         raise ModelRequired(spec)
-    calibrator = schedule_calibrator(schedule, model, past_schedule=options["past"])
     key = f"schedule:{head_identity(file)}:past={options['past']}:sha256={digest}"
+    if schedule.future["kind"] == "lookahead":  # no hooks on the model: the lookahead's own sampler
+        check_schedule(schedule, model)
+        return scheduled_lookahead_sampler(spec, model, schedule.calibration(), schedule.future["top"],
+                                           options["past"], key)
+    calibrator = schedule_calibrator(schedule, model, past_schedule=options["past"])
     calibrator.key = key  # a bare processor list still names its q (samplers.processors_key)
     return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, key=key,
                              fitted_length=schedule.max_new_tokens, calibrator=calibrator)

@@ -102,3 +102,42 @@ def test_train_head_refuses_labels_of_another_model(labelled, capsys):
                  "--out", str(labelled / "wrong")])
     assert code == 2
     assert "labels were made with another model" in capsys.readouterr().err
+
+
+def test_train_value_and_lookahead_fit_end_to_end(labelled, capsys):
+    """`train-value` writes a value folder that `lookahead-fit --source lookahead-value:DIR` fits an alpha for,
+    with its standard error and the held-out log loss; the one-step default fits too."""
+    out = labelled / "value"
+    assert main(["train-value", "--model", str(labelled / "model"), "--labels", str(labelled / "returns"),
+                 "--mlp-hidden", "16", "--epochs", "2", "--batch-size", "16", "--val-fraction", "0.3",
+                 "--out", str(out)]) == 0
+    assert "lookahead-value:" in capsys.readouterr().out
+    assert (out / "head" / "config.json").is_file() and json.loads((out / "metrics.json").read_text())["train_rows"] > 0
+    texts = labelled / "texts"  # many files: documents on both sides of the fit / eval split
+    texts.mkdir(exist_ok=True)
+    rng = torch.Generator().manual_seed(1)
+    for i in range(16):
+        (texts / f"doc{i}.txt").write_text(word_text(rng, 30))
+    common = ["--model", str(labelled / "model"), "--data", str(texts), "--fit-prompts", "4",
+              "--eval-prompts", "3", "--prompt-tokens", "8", "--max-new-tokens", "6", "--batch-size", "4"]
+    for source, top in ((None, 3), (f"lookahead-value:{out / 'head'}:alpha=fit:top=4:horizon=4", 4)):
+        result_file = labelled / f"alpha-{top}.json"
+        argv = ["lookahead-fit", *common, "--top", "3", "--out", str(result_file)]
+        assert main(argv if source is None else [*argv, "--source", source]) == 0
+        assert "alpha" in capsys.readouterr().out
+        result = json.loads(result_file.read_text())
+        assert result["top"] == top and result["source"] == (source or "one-step")
+        assert result["fit"]["tokens"] == 4 * 6 and result["eval"]["tokens"] == 3 * 6
+        assert result["alpha_stderr"] > 0 and torch.isfinite(torch.tensor(result["alpha"]))
+
+
+def test_train_value_and_lookahead_fit_refuse_bad_input(labelled, capsys):
+    assert main(["train-value", "--model", str(labelled / "other"), "--labels", str(labelled / "returns"),
+                 "--out", str(labelled / "wrong-value")]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["lookahead-fit", "--model", str(labelled / "model"), "--data", str(labelled / "text.txt"),
+                 "--fit-prompts", "0"]) == 2
+    assert "`--fit-prompts` must be a positive integer, but is 0" in capsys.readouterr().err
+    assert main(["lookahead-fit", "--model", str(labelled / "model"), "--data", str(labelled / "text.txt"),
+                 "--source", "lookahead-value:/no/such/folder:alpha=fit"]) == 2
+    assert "/no/such/folder" in capsys.readouterr().err

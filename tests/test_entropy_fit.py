@@ -4,6 +4,7 @@ lower log loss with exact F), and the language-model pipeline on a tiny random m
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from calibrated_sampling.entropy_fit import fit_entropy_matched
 from calibrated_sampling.entropy_markov import drift_example, markov_entropy_fit
 from calibrated_sampling.fit import markov_measures
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
+from calibrated_sampling.measure import measure
 from calibrated_sampling.models import prepare_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
@@ -164,6 +166,32 @@ def test_lm_fit_with_a_head(lm, head_dir):
         assert abs(row["gap"]) <= row["gap_stderr"]
 
 
+def test_lm_fit_with_the_lookahead(lm, tmp_path):
+    """The third F: the exact one-step lookahead over the top C. Its generations at b = 0 are the per-step
+    temperature schedule's (same seed: the lookahead's own passes draw no random numbers), the fit
+    converges, and its schedule file samples through the schedule: spec."""
+    from calibrated_sampling.entropy_fit import generation_sums
+    from calibrated_sampling.schedule import load_schedule, save_schedule, schedule_sampler
+
+    model, tokenizer, windows = lm
+    a, b = torch.tensor([1.1, 1.0, 0.9], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    settings = {"max_new_tokens": STEPS, "bin_size": 4, "pad_id": 0, "batch_size": 6, "seed": 3}
+    plain = generation_sums(model, None, windows, a, b, **settings)
+    looked = generation_sums(model, None, windows, a, b, lookahead_top=4, **settings)
+    assert torch.allclose(plain[..., :3], looked[..., :3], atol=1e-5)  # count, H(q), dH/da
+    assert plain[..., 3].abs().max() == 0 and looked[..., 3].abs().max() > 0  # dH/db = Cov_q(F, s) now
+    fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
+                              max_rounds=8, future=("lookahead", 4), progress=False)
+    assert fit["report"]["converged"] and fit["future"] == {"kind": "lookahead", "top": 4}
+    for row in fit["report"]["bins"]:
+        assert abs(row["gap"]) <= row["gap_stderr"]
+    path = save_schedule(tmp_path / "lookahead.json", fit, model, tokenizer)
+    assert load_schedule(path, model, tokenizer).future == {"kind": "lookahead", "top": 4}
+    sampler = schedule_sampler(f"schedule:{path}", model)
+    result = measure(model, tokenizer, windows[:4], [sampler], batch_size=4, progress=False)[sampler.spec]
+    assert math.isfinite(result["log_loss"]) and result["gen_entropy"] > 0
+
+
 def test_lm_fit_that_runs_out_of_rounds_says_so(lm):
     model, tokenizer, windows = lm
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
@@ -176,8 +204,8 @@ def test_lm_fit_bad_arguments(lm):
     model, tokenizer, windows = lm
     with pytest.raises(ValueError, match="`future`"):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=3)
-    with pytest.raises(ValueError, match="lookahead"):
-        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=("lookahead", 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=("lookahead", 1))
     with pytest.raises(ValueError, match="`max_rounds`"):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, max_rounds=0)
     with pytest.raises(ValueError, match="only"):
@@ -225,6 +253,10 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
     assert "`--out` must name a .json file" in capsys.readouterr().err
     assert main(["fit", *common, "--objective", "log-loss", "--out", str(tmp_path / "x.json")]) == 2
     assert "`--head` is required" in capsys.readouterr().err
+    assert main([*fit_args, "--lookahead-top", "1"]) == 2
+    assert "`--lookahead-top` must be at least 2 (with one candidate F is constant), but is 1" in capsys.readouterr().err
+    assert main([*fit_args, "--lookahead-top", "4", "--objective", "log-loss", "--head", str(tmp_path)]) == 2
+    assert "goes with --objective entropy and without --head" in capsys.readouterr().err
     # A schedule is measured at its own length only.
     assert main(["measure", *common[:-4], "--max-new-tokens", "6", "--batch-size", "4", "--split", "fit",
                  "--num-prompts", "6", "--samplers", f"schedule:{schedule_file}",
@@ -265,7 +297,7 @@ def test_secant_slope_steepens_a_newton_step_that_would_overshoot():
     assert torch.isnan(slope[1]) and torch.isnan(slope[2])  # a did not move; the gap rose as a rose
     assert _secant_slope(history[:1]) is None
 
-    def human(ab):  # a human side whose log loss does not depend on the schedule
+    def human(ab, keys=None):  # a human side whose log loss does not depend on the schedule
         k = ab.shape[1]
         zeros = torch.zeros(3, k, dtype=torch.float64)
         return {"loss": torch.full((3, k), 2.0, dtype=torch.float64), "grad_a": zeros, "grad_b": zeros,

@@ -368,3 +368,20 @@ def test_real_model_token_independent_head_fits_a_temperature(smollm):
     assert untied["b"] == [0.0, 0.0]  # exactly: F constant over v gives b a zero gradient
     assert untied["a"] == pytest.approx(tied["a"], abs=1e-4)
     assert untied["report"]["fit"]["loss"] == pytest.approx(tied["report"]["fit"]["loss"], abs=1e-7)
+
+
+def test_row_stats_of_the_loss_alone_match_the_full_computation():
+    """The multiplier search asks for the loss only; that shortcut must give the very same loss."""
+    from calibrated_sampling.fit import SUM_KEYS, _row_stats
+
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(5, 40, generator=gen, dtype=torch.float64), -1)
+    future = torch.rand(5, 40, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 40, (5,), generator=gen)
+    a, b = torch.full((5,), 0.9, dtype=torch.float64), torch.full((5,), 0.3, dtype=torch.float64)
+    full = _row_stats(logp, future, target, a, b, SUM_KEYS)
+    alone = _row_stats(logp, future, target, a, b, ("weight", "loss"))
+    assert set(alone) == {"loss"} and set(full) >= set(SUM_KEYS) - {"weight"}
+    assert torch.equal(alone["loss"], full["loss"])
+    log_q = torch.log_softmax(a[:, None] * logp - b[:, None] * future, -1)
+    assert torch.allclose(full["loss"], -log_q.gather(-1, target[:, None])[:, 0])

@@ -207,3 +207,54 @@ def test_schedule_spec_errors(lm, tmp_path):
         schedule_sampler(f"schedule:{path}:past=later", model)
     with pytest.raises(ValueError, match="refitted or replaced"):
         schedule_sampler(f"schedule:{path}:sha256=0123456789abcdef", model)
+
+
+def test_lookahead_future_keeps_the_candidates_and_gives_the_rest_their_mean():
+    from calibrated_sampling.lookahead_schedule import lookahead_future
+
+    logp = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]), -1)
+    candidates, values = torch.tensor([[0, 2]]), torch.tensor([[1.5, 0.5]])
+    full = lookahead_future(logp, candidates, values)
+    p0, p2 = logp[0, 0].exp(), logp[0, 2].exp()
+    mean = (p0 * 1.5 + p2 * 0.5) / (p0 + p2)
+    assert full[0, 0] == 1.5 and full[0, 2] == 0.5
+    assert torch.allclose(full[0, [1, 3, 4]], mean.expand(3))
+
+
+def test_lookahead_schedule_is_exact_with_every_token_a_candidate(lm, tmp_path):
+    """With C = V the schedule's q is exp(a log p - b H(p(. | x, v))) over the whole vocabulary: checked
+    against a brute-force next-step entropy per token; the sampler generates; steps past T are refused."""
+    from calibrated_sampling.lookahead_schedule import ScheduledLookaheadProcessor
+    from calibrated_sampling.schedule import schedule_calibrator
+
+    model, tokenizer = lm
+    vocab = model.get_output_embeddings().weight.shape[0]
+    future = {"kind": "lookahead", "top": vocab}
+    path = save_schedule(tmp_path / "look.json", fit_result(a=(0.9, 1.1), b=(0.3, -0.2), future=future), model,
+                         tokenizer)
+    processor = schedule_calibrator(load_schedule(path, model, tokenizer), model)
+    assert isinstance(processor, ScheduledLookaheadProcessor) and processor.max_new_tokens == STEPS
+    context = torch.tensor([[5, 9, 17, 4]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(context).logits[:, -1].float(), -1)
+        extended = torch.cat([context.expand(vocab, -1), torch.arange(vocab)[:, None]], 1)
+        after = torch.log_softmax(model(extended).logits[:, -1].float(), -1)
+    brute = -(after.exp() * after).sum(-1)  # H(p(. | x, v)) for every v
+    for step, (a, b) in ((0, (0.9, 0.3)), (5, (1.1, -0.2))):
+        got = processor.scheduled_logits(context, model(context).logits[:, -1].detach(), step)
+        expected = a * logp - b * brute[None]
+        assert torch.allclose(got - got.logsumexp(-1, keepdim=True), expected - expected.logsumexp(-1, keepdim=True),
+                              atol=1e-4)
+    with pytest.raises(ValueError, match="past the fitted schedule"):
+        processor.scheduled_logits(context, logp, STEPS)
+    prompt = torch.tensor([[5, 9, 17]])
+    with processor.attached(model), torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=STEPS,
+                             top_k=0, pad_token_id=0, logits_processor=LogitsProcessorList([processor]))
+    assert out.shape[1] <= 3 + STEPS
+    with pytest.raises(ValueError, match="only `past_schedule`"):
+        schedule_calibrator(load_schedule(path), model, fused=True)
+    sampler = schedule_sampler(f"schedule:{path}:past=base", model)
+    assert sampler.fitted_length == STEPS and sampler.processors[0].past_schedule == "base"
+    with pytest.raises(ValueError, match="vocabulary"):
+        sampler.teacher_forced_logits(context, torch.zeros(1, vocab + 1), None, 0)

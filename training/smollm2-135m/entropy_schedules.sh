@@ -3,25 +3,35 @@
 # matched to its human log loss on the fit side, then judged on the eval side, which no fit saw.
 # Two F's: none (a per-step temperature schedule) and the shipped head's. Defaults: Jane Austen, 512 tokens
 # (text the head never saw; ../shared/data/austen holds the six novels as plain text, e.g. from Project
-# Gutenberg), 48 fit prompts, 128 held-out prompts measured into the same journal as the log-loss result:
+# Gutenberg), 48 fit prompts, 128 held-out prompts:
 #   training/smollm2-135m/entropy_schedules.sh
+# The README's results:
+#   FITS=head PROMPTS=64 BASE= OUT=results/schedules-austen-512 training/smollm2-135m/entropy_schedules.sh
+#     (then the same with FITS="head temperature": the journal resumes, only the new schedule is measured)
 #   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
 #     TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973 training/smollm2-135m/entropy_schedules.sh
-# (the README's pydoc result; TEMPERATURE: the samplers measured beside the schedules, two of them on either
-# side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0)
-# Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its journal entry, so an
-# interrupted run picks up where it stopped.
+# FITS: which schedules (temperature, head); TEMPERATURE: the samplers measured beside them, two of them on
+# either side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0; BASE= leaves
+# the base sampler out. Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its
+# journal entry, so an interrupted run picks up where it stopped.
 set -euo pipefail
 DATA=${DATA:-../shared/data/austen}
 T=${T:-512}
 NAME=${NAME:-austen-512}
 HEAD=${HEAD:-heads/smollm2-135m}
+FITS=${FITS:-temperature head}
 FIT="--model smollm2-135m --data $DATA --num-prompts ${FIT_PROMPTS:-48} --max-new-tokens $T --bin-size 64 \
      --batch-size 16 --max-rounds ${ROUNDS:-8}"
-NONE=schedules/smollm2-135m-$NAME-temperature.json
-WITH_HEAD=schedules/smollm2-135m-$NAME-head.json
-[ -f "$NONE" ] || calibrated-sampling fit $FIT --out "$NONE"
-[ -f "$WITH_HEAD" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$WITH_HEAD"
+SAMPLERS=${BASE-base,}
+for kind in $FITS; do
+  schedule=schedules/smollm2-135m-$NAME-$kind.json
+  case $kind in
+    temperature) [ -f "$schedule" ] || calibrated-sampling fit $FIT --out "$schedule" ;;
+    head) [ -f "$schedule" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$schedule" ;;
+    *) echo "FITS: unknown schedule kind '$kind' (temperature, head)" >&2; exit 2 ;;
+  esac
+  SAMPLERS="${SAMPLERS}schedule:$schedule,"
+done
 calibrated-sampling measure --model smollm2-135m --data "$DATA" --split eval \
-    --samplers "base,schedule:$NONE,schedule:$WITH_HEAD,${TEMPERATURE:-temperature=0.97,temperature=0.96}" \
+    --samplers "${SAMPLERS}${TEMPERATURE:-temperature=0.97,temperature=0.96}" \
     --num-prompts ${PROMPTS:-128} --max-new-tokens $T --batch-size 16 --seed 0 --out ${OUT:-results/calibrated-austen-512}

@@ -1,0 +1,114 @@
+"""`calibrated-sampling train-value` and `lookahead-fit`: the state-value head and the lookaheads' alpha.
+
+Both are thin: the work is in value_train.py (the head) and lookahead_fit.py (the alpha and its clustered
+standard error); cli.py registers them beside the other subcommands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .files import write_atomic
+
+
+def cmd_train_value(args) -> int:
+    from .models import load_model
+    from .value_train import train_value_head
+
+    if args.epochs < 1:
+        raise ValueError(f"`--epochs` must be a positive integer, but is {args.epochs}")
+    folders = [part for part in args.labels.split(",") if part]
+    if not folders:
+        raise ValueError(f"`--labels` names no label folder: {args.labels!r}")
+    model, tokenizer = load_model(args.model, device=args.device)
+    result, report = train_value_head(folders, model, tokenizer, args.out, td_n=args.td_n, td_lambda=args.td_lambda,
+                                      td_value=args.td_value, val_fraction=args.val_fraction,
+                                      mlp_hidden=args.mlp_hidden, mlp_layers=args.mlp_layers, seed=args.seed,
+                                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    for name, scores in report["validation"].items():
+        shown = ", ".join(f"{key} {value:.4f}" for key, value in scores.items() if isinstance(value, float))
+        print(f"{name}: {shown}")
+    print(f"{report['train_rows']} training rows, {report['value_parameters']} parameters, "
+          f"{report['seconds']:.0f} s; value folder {Path(args.out, 'head')} (use it as lookahead-value:DIR)")
+    return 0
+
+
+def cmd_lookahead_fit(args) -> int:
+    from .data import load_documents, make_windows
+    from .lookahead_fit import fit_and_judge_alpha
+    from .lookahead_value_fit import spec_source
+    from .models import load_model
+
+    for flag, value in (("--fit-prompts", args.fit_prompts), ("--eval-prompts", args.eval_prompts),
+                        ("--max-new-tokens", args.max_new_tokens), ("--top", args.top), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be a positive integer, but is {value}")
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    source = None if args.source is None else spec_source(args.source, model)  # checked before any model work
+    docs = load_documents(args.data)
+    windows = {side: make_windows(docs, tokenizer, count, args.prompt_tokens, args.max_new_tokens, split=side)
+               for side, count in (("fit", args.fit_prompts), ("eval", args.eval_prompts))}
+    judged = fit_and_judge_alpha(model, tokenizer, windows["fit"], windows["eval"], top=args.top, source=source,
+                                 batch_size=args.batch_size)
+    result = {"data": args.data, "model": args.model, "source": args.source or "one-step",
+              "tokens_per_window": args.max_new_tokens, **judged, "seconds": round(time.perf_counter() - started, 1)}
+    fit, held = result["fit"], result["eval"]
+    print(f"{args.data}, {result['source']}: alpha {result['alpha']:+.4f} ± {result['alpha_stderr']:.4f} "
+          f"(top {result['top']}); human log loss, fit side {fit['log_loss_alpha0']:.4f} -> {fit['log_loss']:.4f} "
+          f"({fit['tokens']} tokens), eval side {held['log_loss_alpha0']:.4f} -> {held['log_loss']:.4f} "
+          f"({held['tokens']} tokens); {result['seconds']:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_train_value_parser(sub) -> None:
+    p = sub.add_parser("train-value", help="train a state-value head V_k(h) on returns label folders "
+                                           "(for the lookahead-value F)")
+    p.add_argument("--model", default="smollm2-135m", help="the LM the labels were made with")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
+    p.add_argument("--labels", required=True, help="comma-separated returns label folders (`label --kind returns`)")
+    p.add_argument("--mlp-hidden", type=int, default=256)
+    p.add_argument("--mlp-layers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each folder's windows held out")
+    p.add_argument("--td-n", type=int, default=None, help="bootstrapped targets: n steps")
+    p.add_argument("--td-lambda", type=float, default=1.0, help="TD(lambda) mixing of the n-step targets")
+    p.add_argument("--td-value", default=None, help="value folder whose predictions bootstrap (default: baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="gets checkpoints/ (an interrupted run resumes), head/, metrics.json")
+    p.set_defaults(func=cmd_train_value)
+
+
+def add_lookahead_fit_parser(sub, add_model_args) -> None:
+    from .lookahead import DEFAULT_TOP
+
+    p = sub.add_parser("lookahead-fit", help="fit a lookahead F's weight alpha to human log loss (with its "
+                                             "standard error) and judge it on held-out windows")
+    add_model_args(p)
+    p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
+    p.add_argument("--source", default=None,
+                   help="the F: default the exact one-step lookahead; or a spec with alpha=fit, e.g. "
+                        "lookahead-value:VALUE_DIR:alpha=fit:top=16:horizon=16 or lookahead2:alpha=fit:top=8:top2=8")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, help="one-step: candidates C (a --source has its own)")
+    p.add_argument("--fit-prompts", type=int, default=32)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="human continuation tokens per window")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=cmd_lookahead_fit)
+
+
+def add_parsers(sub, add_model_args) -> None:
+    """Register both subcommands (``add_model_args``: cli.py's --model / --dtype / --device)."""
+    add_train_value_parser(sub)
+    add_lookahead_fit_parser(sub, add_model_args)
+
