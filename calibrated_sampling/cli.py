@@ -3,92 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
-import math
-import os
-import platform
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__, cli_lookahead
+from . import __version__, cli_lookahead, cli_theory
+from . import cli_common as common
 from .files import write_atomic
-
-
-def _machine() -> str:
-    return f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads" + (
-        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", CPU")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="alias (smollm2-135m, gemma3-270m), local HF directory, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-
-
-def _add_data_args(p: argparse.ArgumentParser, prompts: int, new_tokens: int) -> None:
-    p.add_argument("--data", default="pydoc",
-                   help="pydoc, stdlib-code, a file / folder / glob of text, or wikitext-103 | writingprompts | "
-                        "codecontests (needs `datasets` and a network)")
-    p.add_argument("--split", default="eval", choices=["fit", "eval", "all"], help="side of the document-hash split")
-    p.add_argument("--num-prompts", type=int, default=prompts)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=new_tokens, help="generated (and human) tokens per prompt")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-
-
-@dataclass(frozen=True)
-class _Processes:
-    """This process's place in a data-parallel launch."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _distributed() -> _Processes | None:
-    """Join the process group when launched on several processes (``torchrun --nproc_per_node N`` or
-    ``accelerate launch --multi_gpu --num_processes N``, which set WORLD_SIZE, RANK, LOCAL_RANK and
-    MASTER_ADDR / PORT), with this process's own GPU (cuda:LOCAL_RANK, nccl) or the CPU (gloo).
-    None for a plain run, which never touches torch.distributed."""
-    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
-        return None
-    import torch.distributed as dist
-
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0) % torch.cuda.device_count())
-        torch.cuda.set_device(device)  # all_gather_object over nccl uses the current device
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Processes(dist.get_rank(), dist.get_world_size(), device)
-
-
-@contextlib.contextmanager
-def _main_first(state: _Processes | None):
-    """Process 0 loads first (it may convert a GGUF into the cache), the others after it."""
-    import torch.distributed as dist
-
-    if state is not None and not state.is_main:
-        dist.barrier()
-    try:
-        yield
-    finally:  # also on an error, so that the others go on (and meet it themselves) rather than hang
-        if state is not None and state.is_main:
-            dist.barrier()
 
 
 def _load(args):
@@ -104,20 +28,19 @@ def _load(args):
 
 def cmd_measure(args) -> int:
     from .compare import measured_equal_entropy
-    from .files import write_atomic
     from .measure import measure
     from .report import format_equal_entropy, format_table, plot_curves, write_results
     from .samplers import check_specs, resolve_samplers, split_specs
 
     specs = split_specs(args.samplers)
     check_specs(specs)  # bad specs, missing head folders, a sampler named twice: before the model loads
-    _check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
+    common.check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    state = _distributed()  # several processes: each runs a share of the batches on its own device
+    state = common.distributed()  # several processes: each runs a share of the batches on its own device
     if state is not None:
         args.device = str(state.device)
-    with _main_first(state):
+    with common.main_first(state):
         model, tokenizer, windows = _load(args)
     # Every spec built (heads loaded, schedules checked against T) before anything is measured or written.
     samplers = resolve_samplers(specs, model, args.max_new_tokens)
@@ -130,7 +53,7 @@ def cmd_measure(args) -> int:
             return 0  # every process holds the full results; process 0 writes them
     settings = {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size",
                                              "seed", "split", "dtype", "ignore_eos")}
-    settings.update(machine=_machine(), seconds=round(time.perf_counter() - started, 1), version=__version__)
+    settings.update(machine=common.machine(), seconds=round(time.perf_counter() - started, 1), version=__version__)
     path = write_results(args.out, args.model, args.data, settings, results, tokenizer)
     plot = plot_curves(results, path.parent / "curves.png",
                        title=f"{args.model} on {args.data}: {args.num_prompts} prompts, seed {args.seed}")
@@ -141,15 +64,6 @@ def cmd_measure(args) -> int:
         write_atomic(path.parent / "equal_entropy.json", json.dumps(equal, indent=2, sort_keys=True) + "\n")
     print(f"\nwrote {path} and {plot}")
     return 0
-
-
-def _check_counts(args, names: tuple[str, ...]) -> None:
-    """Refuse a count below 1 before any model work or journal write: a refused run must leave nothing
-    behind that its corrected rerun into the same ``--out`` would stumble on."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, but is {value!r}")
 
 
 def _measure_with_journal(model, tokenizer, windows, samplers: list, out: Path, **kwargs) -> dict:
@@ -193,7 +107,7 @@ def cmd_compare(args) -> int:
     check_specs([f"calibrated:{head}" for head in heads])  # a mistyped folder fails now, not after the grid
     schedules = [f.strip() for f in (args.schedules or "").split(",") if f.strip()]
     check_specs([f"schedule:{file}" for file in schedules])  # a missing or malformed file too (its model: later)
-    _check_counts(args, ("prompt_tokens",))
+    common.check_counts(args, ("prompt_tokens",))
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -208,7 +122,7 @@ def cmd_compare(args) -> int:
     settings = {"preset": "full" if args.full else "quick", "num_prompts": preset.num_prompts,
                 "prompt_tokens": args.prompt_tokens, "max_new_tokens": preset.max_new_tokens,
                 "batch_size": preset.batch_size, "seed": args.seed, "split": "eval", "dtype": args.dtype,
-                "heads": heads, "schedules": schedules, "machine": _machine(), "version": __version__,
+                "heads": heads, "schedules": schedules, "machine": common.machine(), "version": __version__,
                 "seconds": round(time.perf_counter() - started, 1)}
     title = f"{args.model} on {args.data}: {preset.num_prompts} prompts, {preset.max_new_tokens} tokens, seed {args.seed}"
     paths = write_comparison(args.out, payload, args.model, args.data, settings, tokenizer, title=title)
@@ -220,44 +134,13 @@ def cmd_compare(args) -> int:
 
 # --- theory, corpus-exponent, scaling ------------------------------------------------------------
 
-_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
-def _number(text: str, flag: str) -> float:
-    """``0.918``, ``1e6``, ``135M``, ``1.7B``: a float with an optional K / M / B / T suffix."""
-    match = re.fullmatch(r"\s*([0-9.eE+-]+?)\s*([kKmMbBgGtT]?)\s*", text)
-    try:
-        return float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
-    except (AttributeError, ValueError):
-        raise ValueError(f"`{flag}` needs numbers such as 0.9, 1e6 or 135M, but has {text!r}") from None
-
-
-def _numbers(text: str, flag: str) -> list[float]:
-    parts = [part for part in text.split(",") if part.strip()]
-    if not parts:
-        raise ValueError(f"`{flag}` must hold at least one comma-separated number, but is {text!r}")
-    return [_number(part, flag) for part in parts]
-
-
-def _count(text: str) -> int:
-    """argparse type for counts that may be written 1e6 or 1M."""
-    value = _number(text, "count")
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"needs a whole number, but is {text!r}")
-    return int(value)
-
-
-def _write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))  # NaN / Infinity as JSON5-style literals
-
 
 def cmd_label(args) -> int:
     from .labels import make_labels
     from .samplers import check_specs, parse_sampler
 
     check_specs([args.sampler])  # a bad spec or a missing head folder fails before the model loads
-    _check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
+    common.check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
     model, tokenizer, windows = _load(args)
     sampler = parse_sampler(args.sampler, model)
     if args.kind != "returns" and sampler.hooks_model:
@@ -304,7 +187,7 @@ def cmd_train_head(args) -> int:
                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
                         resume=not args.restart, seed=args.seed)
     baseline = fit_baseline(train)
-    report = {"machine": _machine(), "seconds": result.seconds, "train_rows": len(train["target"]),
+    report = {"machine": common.machine(), "seconds": result.seconds, "train_rows": len(train["target"]),
               "head_parameters": result.head.num_parameters(), "lm_parameters": config.lm_parameters,
               "label_settings": label_settings, "validation": {}}
     print(f"{'labels':<28} {'rows':>7} {'R2':>7} {'R2 base':>8} {'R2 within':>10} {'base within':>11}")
@@ -337,7 +220,7 @@ def cmd_fit(args) -> int:
 def _check_fit_args(args) -> None:
     """Every flag checked before the model loads: a fit that fails after minutes of sampling on a typo
     wastes the minutes."""
-    _check_counts(args, ("num_prompts", "max_new_tokens", "bin_size", "batch_size", "max_rounds", "max_iter"))
+    common.check_counts(args, ("num_prompts", "max_new_tokens", "bin_size", "batch_size", "max_rounds", "max_iter"))
     if args.heldout_prompts < 0:
         raise ValueError(f"`--heldout-prompts` must be 0 or more, but is {args.heldout_prompts}")
     if args.head is not None and not Path(args.head).is_dir():
@@ -386,7 +269,7 @@ def _fit_entropy(args) -> int:
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=args.max_new_tokens, bin_size=args.bin_size,
                               future=future, batch_size=args.batch_size, seed=args.seed,
                               max_rounds=args.max_rounds, checkpoint=rounds)
-    fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=_machine(),
+    fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=common.machine(),
                          version=__version__)
     report = fit["report"]
     print(f"{report['rounds']} rounds, {report['generated_tokens']} generated tokens, {report['seconds']:.0f} s; "
@@ -418,7 +301,7 @@ def _fit_log_loss(args) -> int:
                               bin_size=args.bin_size, form=args.form, batch_size=args.batch_size,
                               heldout_windows=heldout, max_iter=args.max_iter)
     calibration["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens,
-                                 machine=_machine(), version=__version__)
+                                 machine=common.machine(), version=__version__)
     print(format_calibration(calibration))
     if args.out and args.out.endswith(".json"):  # a schedule file beside the head: no copy of its weights
         path = save_schedule(args.out, log_loss_schedule(calibration, args.head), model, tokenizer)
@@ -462,7 +345,7 @@ def cmd_generate(args) -> int:
         check_specs([f"schedule:{args.schedule}:past={args.past_schedule}"])
     else:
         check_specs([f"calibrated:{args.head}:scale={args.scale!r}:past={args.past_schedule}"])
-    _check_counts(args, ("max_new_tokens",))
+    common.check_counts(args, ("max_new_tokens",))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.schedule is not None:
         calibrator = schedule_calibrator(load_schedule(args.schedule, model, tokenizer), model,
@@ -485,138 +368,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_theory(args) -> int:
-    from .theory import format_theory_table, theory_table
-
-    exponents = _numbers(args.exponents, "--exponents")
-    ms = None if args.ms is None else [int(m) for m in _numbers(args.ms, "--ms")]
-    rows = theory_table(exponents, ms, vocab_size=args.vocab_size, trials=args.trials, seed=args.seed)
-    print(format_theory_table(rows))
-    if args.out:
-        settings = {"exponents": exponents, "ms": rows[0]["ms"], "vocab_size": args.vocab_size,
-                    "trials": args.trials, "seed": args.seed, "version": __version__}
-        path = _write_json(Path(args.out) / "theory.json", {"settings": settings, "rows": rows})
-        print(f"\nwrote {path}")
-    return 0
-
-
-def cmd_corpus_exponent(args) -> int:
-    from .data import load_documents, split_of
-    from .theory import corpus_exponent
-
-    docs = load_documents(args.data)
-    if args.split != "all":
-        docs = [d for d in docs if split_of(d.key) == args.split]
-    r = corpus_exponent((d.text for d in docs), top=args.top)
-    beta = round(r["beta"], 3) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0, so it prints +0.000
-    print(f"{args.data} ({len(docs)} documents, split {args.split}): a = {r['a']:.3f}, "
-          f"beta = 1/a - 1 = {beta:+.3f} (fit over the top {r['top']:,} words, r2 = {r['r2']:.3f}); "
-          f"{r['n_words']:,} words, {r['n_types']:,} types")
-    return 0
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters outside the token embeddings) of a model; tied weights count once."""
-    total = sum(p.numel() for p in model.parameters())
-    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                  if m is not None and getattr(m, "weight", None) is not None}
-    return total, total - sum(embeddings.values())
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_")[-60:] or "model"
-
-
-def cmd_scaling(args) -> int:
-    from .data import load_documents, make_windows
-    from .measure import measure
-    from .models import load_model
-    from .report import write_results
-    from .theory import fit_entce_scaling, plot_scaling
-
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if len(models) < 2:
-        raise ValueError(f"`--models` must name at least two models to fit a scaling exponent, but is {args.models!r}")
-    params = None if args.params is None else _numbers(args.params, "--params")
-    if params is not None and len(params) != len(models):
-        raise ValueError(f"`--params` must give one size per model in `--models`, but --params has {len(params)} "
-                         f"({args.params!r}) and --models has {len(models)} ({args.models!r})")
-    state = _distributed()
-    if state is not None and args.device_map:
-        raise ValueError(f"`--device-map` {args.device_map!r} spreads one model over the GPUs; with "
-                         f"{state.world} processes each process holds a whole model: drop one of them")
-    device = str(state.device) if state is not None else args.device
-    main = state is None or state.is_main
-    out = Path(args.out)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    docs = load_documents(args.data)
-    settings = {k: getattr(args, k) for k in ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size", "seed",
-                                             "split", "dtype", "device_map", "ignore_eos")}
-    settings.update(machine=_machine(), version=__version__, processes=1 if state is None else state.world)
-    rows = []
-    for k, name in enumerate(models):
-        with _main_first(state):
-            model, tokenizer = load_model(name, dtype=args.dtype, device=device, device_map=args.device_map)
-        # Each model tokenizes the same documents itself: the models may have different tokenizers.
-        windows = make_windows(docs, tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens,
-                               split=None if args.split == "all" else args.split)
-        total, non_embedding = count_parameters(model)
-        if main:
-            print(f"[{k + 1}/{len(models)}] {name}: {total:,} parameters", file=sys.stderr)
-        result = measure(model, tokenizer, windows, ["base"], batch_size=args.batch_size, seed=args.seed,
-                         progress=main, stop_at_eos=not args.ignore_eos)["base"]
-        rows.append({"name": name, "params": params[k] if params is not None else total, "params_counted": total,
-                     "non_embedding_params": non_embedding, "entce": result["entce"],
-                     "entce_stderr": result["entce_stderr"], "log_loss": result["log_loss"],
-                     "gen_entropy": result["gen_entropy"], "human_entropy": result["human_entropy"],
-                     "num_prompts": len(windows), "seconds": result["seconds"]})
-        if main:
-            write_results(out / "models" / f"{k:02d}-{_slug(name)}", name, args.data, settings, {"base": result},
-                          tokenizer)
-        del model, tokenizer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if not main:
-        return 0
-
-    sizes, values = [r["params"] for r in rows], [r["entce"] for r in rows]
-    plot = None
-    try:
-        fit = fit_entce_scaling(sizes, values, seed=args.seed)
-        plot = plot_scaling(sizes, fit["entce_fitted"], fit, str(out / "scaling.png"))
-    except ValueError as error:  # e.g. EntCE of both signs: the measurements stand, the power law does not
-        fit = {"beta": math.nan, "C": math.nan, "ci95": (math.nan, math.nan), "note": f"no fit: {error}"}
-    settings["seconds"] = round(time.perf_counter() - started, 1)
-    path = _write_json(out / "scaling.json", {"data": args.data, "settings": settings, "models": rows,
-                                               "fit": {k: fit[k] for k in ("beta", "C", "ci95", "note", "fitted")
-                                                       if k in fit}})
-    print(format_scaling(rows, fit))
-    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
-    return 0
-
-
-def format_scaling(rows: list[dict], fit: dict) -> str:
-    """The per-model table of ``scaling`` and the fitted exponent."""
-    width = max(5, *(len(r["name"]) for r in rows))
-    lines = [f"{'model':<{width}} {'params':>10} {'non-emb':>10} {'log loss':>9} {'gen ent':>8} {'EntCE':>8} {'± se':>6}"]
-    for r in rows:
-        lines.append(f"{r['name']:<{width}} {r['params']:>10.4g} {r['non_embedding_params']:>10.4g} "
-                     f"{r['log_loss']:>9.3f} {r['gen_entropy']:>8.3f} {r['entce']:>+8.3f} {r['entce_stderr']:>6.3f}")
-    lo, hi = fit["ci95"]
-    interval = f", 95% CI [{lo:+.3f}, {hi:+.3f}]" if not math.isnan(lo) else ""
-    if not math.isnan(fit["beta"]):
-        lines.append(f"\n{fit.get('fitted', 'EntCE')} = {fit['C']:.4g} * N^beta: beta = {fit['beta']:+.3f}{interval}")
-    if fit.get("note"):
-        lines.append(f"note: {fit['note']}")
-    return "\n".join(lines)
-
-
 def _add_measure_parser(sub) -> None:
     p = sub.add_parser("measure", help="log loss on human text vs entropy of generations, per sampler")
-    _add_model_args(p)
-    _add_data_args(p, prompts=16, new_tokens=256)
+    common.add_model_args(p)
+    common.add_data_args(p, prompts=16, new_tokens=256)
     p.add_argument("--samplers", default="base,temperature=0.9,top_p=0.95",
                    help="comma-separated specs: base, temperature=X, top_p=X, top_k=N, min_p=X, typical_p=X, "
                         "eta=X, epsilon=X; join terms with '+' to compose")
@@ -627,8 +382,8 @@ def _add_measure_parser(sub) -> None:
 
 def _add_label_parser(sub) -> None:
     p = sub.add_parser("label", help="future-entropy labels (returns, rollout, teacher-forced) as safetensors shards")
-    _add_model_args(p)
-    _add_data_args(p, prompts=64, new_tokens=256)
+    common.add_model_args(p)
+    common.add_data_args(p, prompts=64, new_tokens=256)
     p.set_defaults(split="fit")  # heads learn from the fit side; the eval side is for judging them
     p.add_argument("--kind", required=True, choices=["returns", "rollout", "teacher-forced"])
     p.add_argument("--sampler", default="base",
@@ -676,7 +431,7 @@ def _add_fit_parser(sub) -> None:
 
     p = sub.add_parser("fit", help="fit a schedule of weights (one per bin of steps): entropy-matched (calibrated "
                                    "per bin at the lowest log loss) or by human log loss alone")
-    _add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("--objective", default="entropy", choices=["entropy", "log-loss"],
                    help="entropy: every bin's generation entropy matched to its human log loss, F weighted where "
                         "it lowers the log-loss price (writes a schedule file); log-loss: the paper's fit of human "
@@ -710,7 +465,7 @@ def _add_fit_parser(sub) -> None:
 def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="all samplers side by side: grids, lookahead, calibrated heads, "
                                        "matched-EntCE settings, MAUVE, frontier plots")
-    _add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 48 tokens (the default)")
@@ -733,7 +488,7 @@ def _add_compare_parser(sub) -> None:
 
 def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a calibrated distribution: a schedule file or a fitted head")
-    _add_model_args(p)
+    common.add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--schedule", help="schedule file (`fit --out FILE.json`)")
     source.add_argument("--head", help="head folder with a fitted calibration (config.json, head.safetensors)")
@@ -744,44 +499,6 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--past-schedule", default="error", choices=["error", "base"],
                    help="steps past the fitted schedule: refuse, or sample from the base model")
     p.set_defaults(func=cmd_generate)
-
-
-def _add_theory_parser(sub) -> None:
-    from .theory import DEFAULT_VOCAB, PAPER_EXPONENTS
-
-    p = sub.add_parser("theory", help="simplified setting: simulated derailing-rate slopes vs the predicted 1/a - 1")
-    p.add_argument("--exponents", default=",".join(map(str, PAPER_EXPONENTS)),
-                   help="comma-separated power-law exponents a (default: the paper's WikiText, WritingPrompts, "
-                        "CodeContests fits)")
-    p.add_argument("--vocab-size", type=_count, default=DEFAULT_VOCAB, help="V (1e6, 1M, ... accepted)")
-    p.add_argument("--ms", default=None, help="comma-separated training-set sizes (default: 8 from 1000 to V/3)")
-    p.add_argument("--trials", type=int, default=32, help="independent training streams per size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for theory.json (default: print only)")
-    p.set_defaults(func=cmd_theory)
-
-
-def _add_corpus_exponent_parser(sub) -> None:
-    p = sub.add_parser("corpus-exponent", help="power-law exponent a of a corpus's word frequencies, and 1/a - 1")
-    p.add_argument("--data", default="pydoc", help="any `measure --data` spec: pydoc, stdlib-code, a file / folder / "
-                                                   "glob, wikitext-103, ...")
-    p.add_argument("--split", default="all", choices=["fit", "eval", "all"], help="side of the document-hash split")
-    p.add_argument("--top", type=int, default=5000, help="fit over this many of the most frequent words")
-    p.set_defaults(func=cmd_corpus_exponent)
-
-
-def _add_scaling_parser(sub) -> None:
-    p = sub.add_parser("scaling", help="EntCE of the base sampler for several model sizes, and its fit C * N^beta")
-    p.add_argument("--models", required=True, help="comma-separated models (aliases, directories, .gguf, hub ids)")
-    p.add_argument("--params", default=None,
-                   help="comma-separated sizes N, one per model (135M, 1.7B, 1e9; default: each model's parameter count)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    p.add_argument("--device-map", default=None, help="`auto` spreads a large model over the GPUs (one process)")
-    _add_data_args(p, prompts=16, new_tokens=256)
-    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
-    p.add_argument("--out", default="runs/scaling", help="output folder")
-    p.set_defaults(func=cmd_scaling)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -795,10 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_parser(sub)
     _add_compare_parser(sub)
     _add_generate_parser(sub)
-    _add_theory_parser(sub)
-    _add_corpus_exponent_parser(sub)
-    _add_scaling_parser(sub)
-    cli_lookahead.add_parsers(sub, _add_model_args)  # train-value, lookahead-fit
+    cli_theory.add_theory_parser(sub)
+    cli_theory.add_corpus_exponent_parser(sub)
+    cli_theory.add_scaling_parser(sub)
+    cli_lookahead.add_parsers(sub)  # train-value, lookahead-fit
     return parser
 
 

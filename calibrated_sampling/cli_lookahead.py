@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from . import cli_common as common
 from .files import write_atomic
 
 
@@ -87,12 +88,12 @@ def add_train_value_parser(sub) -> None:
     p.set_defaults(func=cmd_train_value)
 
 
-def add_lookahead_fit_parser(sub, add_model_args) -> None:
+def add_lookahead_fit_parser(sub) -> None:
     from .lookahead import DEFAULT_TOP
 
     p = sub.add_parser("lookahead-fit", help="fit a lookahead F's weight alpha to human log loss (with its "
                                              "standard error) and judge it on held-out windows")
-    add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
     p.add_argument("--source", default=None,
                    help="the F: default the exact one-step lookahead; or a spec with alpha=fit, e.g. "
@@ -107,8 +108,8 @@ def add_lookahead_fit_parser(sub, add_model_args) -> None:
     p.set_defaults(func=cmd_lookahead_fit)
 
 
-def add_parsers(sub, add_model_args) -> None:
-    """Register both subcommands (``add_model_args``: cli.py's --model / --dtype / --device)."""
+def add_parsers(sub) -> None:
+    """Register both subcommands."""
     add_train_value_parser(sub)
-    add_lookahead_fit_parser(sub, add_model_args)
+    add_lookahead_fit_parser(sub)
 

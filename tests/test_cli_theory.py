@@ -8,7 +8,8 @@ import torch
 from conftest import EOS_ID, VOCAB, make_tokenizer, word_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from calibrated_sampling.cli import count_parameters, main
+from calibrated_sampling.cli import main
+from calibrated_sampling.cli_theory import count_parameters
 from calibrated_sampling.theory import fit_entce_scaling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster

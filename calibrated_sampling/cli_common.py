@@ -1,0 +1,127 @@
+"""What the `calibrated-sampling` subcommands share: the model and data flags, the machine's name,
+number parsing, a data-parallel launch's process group, and the checks of counts."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .files import write_atomic
+
+SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}  # 135M, 1.7B, 1e6
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads" + (
+        f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", CPU")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m, gemma3-270m), local HF directory, .gguf file or hub id")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+
+
+def add_data_args(p: argparse.ArgumentParser, prompts: int, new_tokens: int) -> None:
+    p.add_argument("--data", default="pydoc",
+                   help="pydoc, stdlib-code, a file / folder / glob of text, or wikitext-103 | writingprompts | "
+                        "codecontests (needs `datasets` and a network)")
+    p.add_argument("--split", default="eval", choices=["fit", "eval", "all"], help="side of the document-hash split")
+    p.add_argument("--num-prompts", type=int, default=prompts)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=new_tokens, help="generated (and human) tokens per prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a data-parallel launch."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed() -> Processes | None:
+    """Join the process group when launched on several processes (``torchrun --nproc_per_node N`` or
+    ``accelerate launch --multi_gpu --num_processes N``, which set WORLD_SIZE, RANK, LOCAL_RANK and
+    MASTER_ADDR / PORT), with this process's own GPU (cuda:LOCAL_RANK, nccl) or the CPU (gloo).
+    None for a plain run, which never touches torch.distributed."""
+    if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0) % torch.cuda.device_count())
+        torch.cuda.set_device(device)  # all_gather_object over nccl uses the current device
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), device)
+
+
+@contextlib.contextmanager
+def main_first(state: Processes | None):
+    """Process 0 loads first (it may convert a GGUF into the cache), the others after it."""
+    import torch.distributed as dist
+
+    if state is not None and not state.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:  # also on an error, so that the others go on (and meet it themselves) rather than hang
+        if state is not None and state.is_main:
+            dist.barrier()
+
+
+def check_counts(args, names: tuple[str, ...]) -> None:
+    """Refuse a count below 1 before any model work or journal write: a refused run must leave nothing
+    behind that its corrected rerun into the same ``--out`` would stumble on."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, but is {value!r}")
+
+
+def number(text: str, flag: str) -> float:
+    """``0.918``, ``1e6``, ``135M``, ``1.7B``: a float with an optional K / M / B / T suffix."""
+    match = re.fullmatch(r"\s*([0-9.eE+-]+?)\s*([kKmMbBgGtT]?)\s*", text)
+    try:
+        return float(match.group(1)) * SUFFIXES[match.group(2).lower()]
+    except (AttributeError, ValueError):
+        raise ValueError(f"`{flag}` needs numbers such as 0.9, 1e6 or 135M, but has {text!r}") from None
+
+
+def numbers(text: str, flag: str) -> list[float]:
+    parts = [part for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"`{flag}` must hold at least one comma-separated number, but is {text!r}")
+    return [number(part, flag) for part in parts]
+
+
+def count(text: str) -> int:
+    """argparse type for counts that may be written 1e6 or 1M."""
+    value = number(text, "count")
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"needs a whole number, but is {text!r}")
+    return int(value)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))  # NaN / Infinity as JSON5-style literals
