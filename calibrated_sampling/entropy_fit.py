@@ -4,6 +4,9 @@ The sampled distribution at generation step t (0-based), bin j = t // bin_size, 
 
     q_t(v | x)  ∝  exp( a_j log p(v | x)  -  b_j F_k(x, v) )
 
+with F = 0 (a per-step temperature schedule), a head's F, or the exact one-step lookahead's
+(lookahead_schedule.py: H(p(. | x, v)) over the top C, their p-weighted mean elsewhere).
+
 The log-loss fit (fit.py) chooses (a_j, b_j) by human log loss alone; it declines an F that is not
 nearly exact, and what remains is a per-bin temperature that log loss sets near 1, so EntCE stays.
 Here every bin must be calibrated, and F earns its weight only by lowering the log-loss price:
