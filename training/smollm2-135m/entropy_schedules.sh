@@ -10,7 +10,8 @@
 #     (then the same with FITS="head temperature": the journal resumes, only the new schedule is measured)
 #   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
 #     TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973 training/smollm2-135m/entropy_schedules.sh
-# FITS: which schedules (temperature, head); TEMPERATURE: the samplers measured beside them, two of them on
+# FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8);
+# TEMPERATURE: the samplers measured beside them, two of them on
 # either side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0; BASE= leaves
 # the base sampler out. Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its
 # journal entry, so an interrupted run picks up where it stopped.
@@ -28,7 +29,8 @@ for kind in $FITS; do
   case $kind in
     temperature) [ -f "$schedule" ] || calibrated-sampling fit $FIT --out "$schedule" ;;
     head) [ -f "$schedule" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$schedule" ;;
-    *) echo "FITS: unknown schedule kind '$kind' (temperature, head)" >&2; exit 2 ;;
+    lookahead) [ -f "$schedule" ] || calibrated-sampling fit $FIT --lookahead-top "${TOP:-8}" --out "$schedule" ;;
+    *) echo "FITS: unknown schedule kind '$kind' (temperature, head, lookahead)" >&2; exit 2 ;;
   esac
   SAMPLERS="${SAMPLERS}schedule:$schedule,"
 done
