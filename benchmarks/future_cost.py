@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
+from calibrator_overhead import timed_generate  # the same timing (benchmarks/ is on the path when run)
 
 from calibrated_sampling.data import batch_windows, load_documents, make_windows
 from calibrated_sampling.models import load_model
@@ -27,19 +27,6 @@ from calibrated_sampling.samplers import parse_sampler, split_specs
 DEFAULT_SAMPLERS = ("calibrated:heads/smollm2-135m,lookahead:alpha=0.1:top=4,lookahead:alpha=0.1:top=16,"
                     "lookahead-value:heads/smollm2-135m-value:alpha=0.02:top=16:horizon=16,"
                     "lookahead2:alpha=0.1:top=8:top2=8")
-
-
-def timed_generate(model, ids, mask, steps: int, processors=None) -> float:
-    """Seconds for one sampled generation of exactly ``steps`` tokens."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                       max_new_tokens=steps, min_new_tokens=steps, logits_processor=processors)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def main() -> None:

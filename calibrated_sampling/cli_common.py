@@ -125,3 +125,15 @@ def count(text: str) -> int:
 def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, json.dumps(payload, indent=2, sort_keys=True))  # NaN / Infinity as JSON5-style literals
+
+
+def add_training_args(p: argparse.ArgumentParser, bootstrap_folder: str) -> None:
+    """The flags train-head and train-value share: learning rate, held-out share, TD(lambda) targets, seed
+    (``bootstrap_folder``: what kind of folder --td-value names)."""
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each folder's windows held out")
+    p.add_argument("--td-n", type=int, default=None, help="bootstrapped targets for returns rows: n steps")
+    p.add_argument("--td-lambda", type=float, default=1.0, help="TD(lambda) mixing of the n-step targets")
+    p.add_argument("--td-value", default=None,
+                   help=f"{bootstrap_folder} folder whose predictions bootstrap (default: baseline)")
+    p.add_argument("--seed", type=int, default=0)

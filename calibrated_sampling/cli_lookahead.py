@@ -78,12 +78,7 @@ def add_train_value_parser(sub) -> None:
     p.add_argument("--mlp-layers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each folder's windows held out")
-    p.add_argument("--td-n", type=int, default=None, help="bootstrapped targets: n steps")
-    p.add_argument("--td-lambda", type=float, default=1.0, help="TD(lambda) mixing of the n-step targets")
-    p.add_argument("--td-value", default=None, help="value folder whose predictions bootstrap (default: baseline)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_training_args(p, "value")
     p.add_argument("--out", required=True, help="gets checkpoints/ (an interrupted run resumes), head/, metrics.json")
     p.set_defaults(func=cmd_train_value)
 
