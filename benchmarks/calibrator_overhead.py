@@ -36,7 +36,7 @@ def random_calibrator(model, tokenizer, steps: int, fused: bool | None) -> Futur
     return FutureEntropyCalibrator(head, fused=fused)
 
 
-def timed_generate(model, ids, mask, steps: int, processors: LogitsProcessorList | None) -> float:
+def timed_generate(model, ids, mask, steps: int, processors: LogitsProcessorList | None = None) -> float:
     """Seconds for one sampled generation of exactly ``steps`` tokens."""
     if model.device.type == "cuda":
         torch.cuda.synchronize()

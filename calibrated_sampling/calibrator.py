@@ -305,9 +305,10 @@ class FutureEntropyCalibrator(LogitsProcessor):
     # The processor
 
     def _weights(self, step: int) -> tuple[float, float, int]:
-        """(a, scale * b, horizon k = T - 1 - step) of a step inside the schedule."""
+        """(a, scale * b, horizon k = T - 1 - step or the head's fixed horizon) of a step inside the schedule."""
         a, b = schedule_weights(self.calibration, step)
-        return a, self.scale * b, self.max_new_tokens - 1 - step
+        steps_left = self.max_new_tokens - 1 - step
+        return a, self.scale * b, steps_left if self.head is None else self.head.horizon_for(steps_left)
 
     def _past_schedule(self, step: int) -> bool:
         """True when ``step`` is past the schedule and the base scores are to be returned; raises by default."""

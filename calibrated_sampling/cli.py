@@ -166,6 +166,8 @@ def cmd_train_head(args) -> int:
     from .models import load_model
     from .train import evaluate_head, fit_baseline, predict, train_head
 
+    if args.fixed_horizon is not None and args.fixed_horizon < 1:
+        raise ValueError(f"`--fixed-horizon` must be a positive integer, but is {args.fixed_horizon}")
     model, tokenizer = load_model(args.model, dtype="float32", device=args.device)
     folders = [f.strip() for f in args.labels.split(",") if f.strip()]
     value_fn = None
@@ -176,13 +178,21 @@ def cmd_train_head(args) -> int:
     train, val, label_settings = load_training_rows(
         folders, model=model, val_fraction=args.val_fraction, train_fraction=args.train_fraction,
         td_n=args.td_n, td_lambda=args.td_lambda, value_fn=value_fn)
+    if args.fixed_horizon is not None:  # a head read at one horizon must have learnt that one only
+        found = sorted(set(train["horizon"].tolist()))
+        if found != [args.fixed_horizon]:
+            shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+            raise ValueError(f"`--fixed-horizon` is {args.fixed_horizon}, but the training rows of {args.labels} "
+                             f"have horizons {shown}: label at that horizon only (e.g. `label --kind rollout "
+                             f"--horizon {args.fixed_horizon}`)")
     config = HeadConfig.for_model(model, tokenizer, family=args.family, rank=args.rank, mlp_hidden=args.mlp_hidden,
                                   mlp_layers=args.mlp_layers, max_horizon=args.max_horizon,
+                                  fixed_horizon=args.fixed_horizon,
                                   label_settings={"folders": label_settings, "td_n": args.td_n,
                                                   "td_lambda": args.td_lambda})
     out = model.get_output_embeddings()
+    torch.manual_seed(args.seed)  # the MLP's initial weights: the same head from the same rows, in any process
     head = FutureEntropyHead(config, out.weight.detach() if args.family == "tied" else None)
-    torch.manual_seed(args.seed)
     result = train_head(head, train, val_rows={k: torch.cat([v[k] for v in val.values()]) for k in train},
                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
                         resume=not args.restart, seed=args.seed)
@@ -410,6 +420,9 @@ def _add_train_head_parser(sub) -> None:
     p.add_argument("--mlp-hidden", type=int, default=1024)
     p.add_argument("--mlp-layers", type=int, default=2)
     p.add_argument("--max-horizon", type=int, default=256, help="normaliser of the horizon input")
+    p.add_argument("--fixed-horizon", type=int, default=None,
+                   help="a head of one horizon: every label row has it, and the head is read at it at every step "
+                        "(1: a head distilled from the one-step lookahead's exact F)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
     common.add_training_args(p, "head")

@@ -92,7 +92,9 @@ def add_lookahead_fit_parser(sub) -> None:
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec; fits on its `fit` split")
     p.add_argument("--source", default=None,
                    help="the F: default the exact one-step lookahead; or a spec with alpha=fit, e.g. "
-                        "lookahead-value:VALUE_DIR:alpha=fit:top=16:horizon=16 or lookahead2:alpha=fit:top=8:top2=8")
+                        "lookahead-value:VALUE_DIR:alpha=fit:top=16:horizon=16, lookahead2:alpha=fit:top=8:top2=8, or a "
+                        "head's F on the same top C: head:HEAD_DIR:alpha=fit:top=16[:horizon=K] (K fixed; default "
+                        "the steps left)")
     p.add_argument("--top", type=int, default=DEFAULT_TOP, help="one-step: candidates C (a --source has its own)")
     p.add_argument("--fit-prompts", type=int, default=32)
     p.add_argument("--eval-prompts", type=int, default=32)

@@ -336,7 +336,7 @@ def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int
         logp = torch.log_softmax(output(hidden).float(), -1)  # (n, V)
         if lookahead is not None:
             return logp, lookahead_future(logp, lookahead[0][i:j].to(logp.device), lookahead[1][i:j].to(logp.device))
-        future = None if head is None else head(hidden, max_new_tokens - 1 - step[i:j]).float()
+        future = None if head is None else head(hidden, head.horizon_for(max_new_tokens - 1 - step[i:j])).float()
         return logp, future
 
     with torch.no_grad():

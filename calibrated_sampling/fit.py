@@ -360,7 +360,7 @@ def _state_chunks(model, head, states: dict[str, torch.Tensor], max_new_tokens: 
         for i in range(0, len(states["target"]), chunk_rows):
             hidden, step = states["hidden"][i:i + chunk_rows], states["step"][i:i + chunk_rows]
             logp = torch.log_softmax(output(hidden).float(), -1)  # (n, V)
-            future = head(hidden, max_new_tokens - 1 - step).float()  # (n, V): F_k, k = T - 1 - t
+            future = head(hidden, head.horizon_for(max_new_tokens - 1 - step)).float()  # (n, V): F_k, k = T - 1 - t
             yield logp, future, states["target"][i:i + chunk_rows], step // bin_size, None
     return chunks
 

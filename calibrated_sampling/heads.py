@@ -65,6 +65,7 @@ class HeadConfig:
     mlp_layers: int = 2  # number of hidden layers of the MLP
     rank: int | None = None  # lowrank: d = r, columns of the own table (default 64); None for tied
     max_horizon: int = 256  # normaliser of the horizon input: the MLP sees k / max_horizon
+    fixed_horizon: int | None = None  # read at this k at every step (a head trained at one horizon, e.g. 1)
     lm_parameters: int | None = None  # the LM's parameter count; when set, the head must fit the budget
     label_settings: dict = field(default_factory=dict)  # how its training labels were made (labels.LabelSettings)
     calibration: dict | None = None  # fitted weights (a_t, b_t per step), written by the fitting code
@@ -78,7 +79,7 @@ class HeadConfig:
             raise ValueError(f"`rank` is only used by the lowrank family (None for tied), but is {self.rank!r}")
         names = ["hidden_size", "vocab_size", "mlp_hidden", "mlp_layers", "max_horizon"]
         names += ["rank"] if self.family == "lowrank" else []
-        check_fields(self, names)
+        check_fields(self, names + (["fixed_horizon"] if self.fixed_horizon is not None else []))
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise ValueError(f"`calibration` must be a dict or None, but is {self.calibration!r}")
 
@@ -230,6 +231,15 @@ class FutureEntropyHead(nn.Module):
             return k * (s + token_term)
         token_term = F.linear(z, table) * self.scale + self.token_bias  # (..., V)
         return k.unsqueeze(-1) * (s.unsqueeze(-1) + token_term)
+
+    def horizon_for(self, steps_left: torch.Tensor | int) -> torch.Tensor | int:
+        """The horizon k to read the head at when ``steps_left`` steps follow this one (T - 1 - t): that, or
+        the head's ``fixed_horizon`` (a head trained at one horizon only, such as the distilled one-step head,
+        predicts F_1 and is read at k = 1 at every step)."""
+        fixed = self.config.fixed_horizon
+        if fixed is None:
+            return steps_left
+        return torch.full_like(steps_left, fixed) if isinstance(steps_left, torch.Tensor) else fixed
 
     def predict_rows(self, hidden: torch.Tensor, token: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
         """One token per row: (N, H), (N,), (N,) -> (N,), without computing the other V - 1 outputs."""

@@ -7,7 +7,8 @@ curvature in alpha are then exact functions of those cached terms, and a safegua
 finds the alpha that minimises it. Training layer: it drives a measurement pass (``teacher_forced``).
 
 Any F over the top C fits the same way: ``source`` swaps the next-step entropy for another F source
-(lookahead_value.py: the state value after each candidate, the exact two-step F).
+(lookahead_value.py: the state value after each candidate, the exact two-step F; lookahead_value_fit.py: a
+head's F on the context's hidden state).
 
 Standard error (:func:`alpha_stderr`): the sandwich (Huber-White) estimate clustered by window,
 s.e.^2 = G / (G - 1) * sum_w g_w^2 / (sum_i c_i)^2, with g_w the summed per-token derivatives of the log
@@ -40,12 +41,16 @@ class _Recorder(LookaheadSampler):
             processor.lookahead = source
         super().__init__("lookahead:alpha=0", LogitsProcessorList([processor]))
         self.keep_logp = keep_logp
+        self.window_steps = 0  # T of the windows in the pass (a head source's horizon T - 1 - t)
         self.steps: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
 
     def teacher_forced_logits(self, input_ids, base_logits, hidden, step):
         processor: LookaheadProcessor = self.processors[0]
         logp = torch.log_softmax(base_logits.float(), dim=-1)
-        candidates, next_entropy = processor.lookahead(input_ids, logp, processor.mask)
+        if getattr(processor.lookahead, "reads_hidden", False):  # a head's F: from h(x), no lookahead pass
+            candidates, next_entropy = processor.lookahead.from_hidden(hidden, logp, step, self.window_steps)
+        else:
+            candidates, next_entropy = processor.lookahead(input_ids, logp, processor.mask)
         self.steps.append((logp if self.keep_logp else None, candidates, next_entropy))
         return logp
 
@@ -81,6 +86,7 @@ def lookahead_loss_terms(model: PreTrainedModel, tokenizer, windows: list[Window
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size]
             recorder.steps.clear()
+            recorder.window_steps = len(batch[0].continuation_ids)
             teacher_forced(model, recorder, batch, pad_id)
             for t, (logp, candidates, next_entropy) in enumerate(recorder.steps):
                 human = torch.tensor([w.continuation_ids[t] for w in batch], device=logp.device)

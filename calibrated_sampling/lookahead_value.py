@@ -191,7 +191,7 @@ VALUE_OPTIONS = {"alpha": None, "top": DEFAULT_TOP, "horizon": None, "sha256": N
 TWO_STEP_OPTIONS = {"alpha": None, "top": DEFAULT_TOP2, "top2": DEFAULT_TOP2}
 
 
-def _parse_options(spec: str, defaults: dict) -> tuple[str, dict]:
+def parse_options(spec: str, defaults: dict) -> tuple[str, dict]:
     """(what is left of the spec after its kind, options) with the options read from the end, so a folder
     name may hold ``:``; ``alpha=fit`` is kept as "fit"."""
     rest, raw = spec_options(spec, defaults)
@@ -224,7 +224,7 @@ def _refuse_fit(spec: str, options: dict) -> None:
 
 def parse_lookahead_value(spec: str) -> tuple[str, dict]:
     """(value folder, options) of a ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D]`` spec."""
-    folder, options = _parse_options(spec, VALUE_OPTIONS)
+    folder, options = parse_options(spec, VALUE_OPTIONS)
     if not folder:
         raise ValueError(f"sampler spec {spec!r} names no value folder: use lookahead-value:VALUE_DIR:alpha=X")
     return folder, _require_alpha(spec, options)
@@ -232,7 +232,7 @@ def parse_lookahead_value(spec: str) -> tuple[str, dict]:
 
 def parse_lookahead2(spec: str) -> dict:
     """The options of a ``lookahead2:alpha=X[:top=C][:top2=C2]`` spec."""
-    rest, options = _parse_options(spec, TWO_STEP_OPTIONS)
+    rest, options = parse_options(spec, TWO_STEP_OPTIONS)
     if rest:
         term = rest.split(":")[-1]  # options are read from the end: the last one that is none
         raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; use lookahead2:alpha=X[:top=C][:top2=C2]")

@@ -3,6 +3,10 @@
 The fit itself is :mod:`.lookahead_fit`'s: one teacher-forced pass records, per human token, log p of the
 top C candidates and their F from the spec's F source; alpha minimises the human log loss by Newton's
 method, with a sandwich standard error clustered by window (``stderr``; ``lookahead_fit.alpha_stderr``).
+A head's F joins the same fit: ``head:HEAD_DIR:alpha=fit[:top=C][:horizon=K]`` reads a future-entropy head
+(heads.py) on the context's own hidden state for the same top C candidates (:class:`HeadCandidates`), so the
+shipped head, a distilled head and the lookaheads are weighed by one fit on equal terms (issue 15's league).
+
 Here: specs with ``alpha=fit`` become F sources and, once fitted, the spec with the fitted alpha
 (:func:`fit_spec_alpha`), and the same terms give one alpha per bin of steps (:func:`fit_alpha_bins`), the
 per-step weights that ``FutureLookaheadProcessor`` takes. Training layer: it drives measurement passes.
@@ -10,19 +14,70 @@ per-step weights that ``FutureLookaheadProcessor`` takes. Training layer: it dri
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 
+from .calibrator import head_files_digest
 from .data import Window
-from .lookahead import LookaheadEntropy, parse_lookahead
+from .heads import FutureEntropyHead
+from .lookahead import DEFAULT_TOP, LookaheadEntropy, parse_lookahead
 from .lookahead_fit import fit_alpha, lookahead_loss_terms
-from .lookahead_value import TwoStepLookahead, ValueLookahead, parse_lookahead2, parse_lookahead_value
+from .lookahead_value import (
+    TwoStepLookahead,
+    ValueLookahead,
+    parse_lookahead2,
+    parse_lookahead_value,
+    parse_options,
+)
 from .samplers import format_number, parse_sampler
 from .value import StateValueHead
 
+HEAD_OPTIONS = {"alpha": None, "top": DEFAULT_TOP, "horizon": None, "sha256": None}
+
+
+class HeadCandidates(LookaheadEntropy):
+    """The top-C candidates of p and a head's F for each, f_k(h(x), v), from the hidden state of the
+    teacher-forced pass (no lookahead pass: ``reads_hidden``). k is ``horizon`` at every step, or, when
+    None, the steps left after this one (T - 1 - t), as the calibrator reads its head."""
+
+    reads_hidden = True
+
+    def __init__(self, model: PreTrainedModel, head: FutureEntropyHead, top: int, horizon: int | None = None):
+        super().__init__(model, top)
+        self.head, self.horizon = head, horizon
+
+    def __call__(self, input_ids, logits, mask=None):
+        raise TypeError("HeadCandidates reads the hidden state of a teacher-forced pass: call from_hidden")
+
+    @torch.no_grad()
+    def from_hidden(self, hidden: torch.Tensor, logp: torch.Tensor, step: int, steps: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, H) and log p (B, V) at step ``step`` of ``steps`` -> candidates (B, C), F (B, C) float32."""
+        candidates = logp.topk(min(self.top, logp.shape[-1]), dim=-1).indices
+        k = self.horizon if self.horizon is not None else self.head.horizon_for(steps - 1 - step)
+        horizon = torch.full(hidden.shape[:1], k, device=hidden.device)
+        return candidates, self.head(hidden, horizon).float().gather(-1, candidates)
+
+
+def head_source(spec: str, model: PreTrainedModel) -> HeadCandidates:
+    """The F source of a ``head:HEAD_DIR:alpha=X|fit[:top=C][:horizon=K][:sha256=D]`` spec; the head is
+    refused for another LM, and for other files than a pinned ``sha256``."""
+    folder, options = parse_options(spec, HEAD_OPTIONS)
+    if not folder:
+        raise ValueError(f"spec {spec!r} names no head folder: use head:HEAD_DIR:alpha=fit")
+    if options["sha256"] not in (None, head_files_digest(folder)):
+        raise ValueError(f"spec {spec!r} pins head files sha256 {options['sha256']}, but {folder} now holds "
+                         f"{head_files_digest(folder)}")
+    head = FutureEntropyHead.from_pretrained(folder, model).eval()
+    return HeadCandidates(model, head, options["top"], options["horizon"])
+
 
 def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:
-    """The F source of a ``lookahead:``, ``lookahead-value:`` or ``lookahead2:`` spec (its alpha is ignored)."""
+    """The F source of a ``lookahead:``, ``lookahead-value:``, ``lookahead2:`` or ``head:`` spec (its alpha
+    is ignored)."""
     kind = spec.partition(":")[0].strip()
+    if kind == "head":
+        return head_source(spec, model)
     if kind == "lookahead":
         return LookaheadEntropy(model, parse_lookahead(spec)["top"])
     if kind == "lookahead-value":
@@ -31,7 +86,7 @@ def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:
     if kind == "lookahead2":
         options = parse_lookahead2(spec)
         return TwoStepLookahead(model, options["top"], options["top2"])
-    raise ValueError(f"`spec` must be a lookahead:, lookahead-value: or lookahead2: spec, but is {spec!r}")
+    raise ValueError(f"`spec` must be a lookahead:, lookahead-value:, lookahead2: or head: spec, but is {spec!r}")
 
 
 def with_alpha(spec: str, alpha: float) -> str:
@@ -55,7 +110,8 @@ def fit_spec_alpha(spec: str, model: PreTrainedModel, tokenizer, windows: list[W
     source = spec_source(spec, model)
     result = fit_alpha(lookahead_loss_terms(model, tokenizer, windows, source.top, batch_size, source))
     result["top"] = source.top
-    result["spec"] = parse_sampler(with_alpha(spec, result["alpha"]), model).key
+    fitted = with_alpha(spec, result["alpha"])  # a head: spec is no sampler (the calibrator samples a head's F)
+    result["spec"] = fitted if isinstance(source, HeadCandidates) else parse_sampler(fitted, model).key
     return result
 
 

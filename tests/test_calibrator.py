@@ -179,6 +179,26 @@ def test_fused_equals_exact(setup):
     torch.testing.assert_close(s_auto.log_softmax(-1), s_exact.log_softmax(-1), atol=2e-4, rtol=0)
 
 
+def test_a_fixed_horizon_head_is_read_at_its_horizon_at_every_step(tiny):
+    """A head trained at one horizon (the distilled one-step head) gets k = fixed_horizon, fused or not."""
+    model, tok = tiny
+    head = make_head(model, tok)
+    fixed = make_head(model, tok)
+    fixed.config.fixed_horizon = 1
+    enc = prompts(tok, ["w1 w2 w3 w4 w5"])  # no padding: the hidden states below need no mask
+    for fused in (False, True):
+        with FutureEntropyCalibrator(fixed, SCHEDULE, fused=fused).attached(model) as cal:
+            out, scores, _ = greedy_scores(model, cal, enc, steps=8)  # (fused: the logits are h' 's)
+        with torch.no_grad():
+            plain = model(out.sequences, output_hidden_states=True)
+        for t in (0, 4, 7):
+            a, b = schedule_weights(SCHEDULE, t)
+            position = out.sequences.shape[1] - 8 + t - 1
+            expected = (a * torch.log_softmax(plain.logits[:, position].float(), -1)
+                        - b * head(plain.hidden_states[-1][:, position], torch.tensor(1)).float())
+            torch.testing.assert_close(scores[:, t].log_softmax(-1), expected.log_softmax(-1), atol=2e-4, rtol=0)
+
+
 def test_batch_equals_one_at_a_time(setup):
     model, tok, head = setup
     texts = ("w1 w2 w3 w4 w5 w6", "w7", "w8 w9 w10")

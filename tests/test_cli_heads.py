@@ -97,6 +97,36 @@ def test_train_head_writes_a_loadable_head_and_metrics(labelled, capsys):
         FutureEntropyHead.from_pretrained(out / "head", other, other_tokenizer)
 
 
+def test_a_fixed_horizon_head_trains_on_that_horizon_only(labelled, capsys):
+    out, common = labelled / "fixed", ["--mlp-hidden", "16", "--epochs", "1", "--batch-size", "16"]
+    assert main(["train-head", "--model", str(labelled / "model"), "--labels", str(labelled / "rollout"),
+                 "--fixed-horizon", "4", *common, "--out", str(out)]) == 0
+    model, tokenizer = load_model(str(labelled / "model"))
+    head = FutureEntropyHead.from_pretrained(out / "head", model, tokenizer)
+    assert head.config.fixed_horizon == 4 and head.horizon_for(7) == 4
+    assert head.horizon_for(torch.tensor([0, 9])).tolist() == [4, 4]
+    capsys.readouterr()
+    assert main(["train-head", "--model", str(labelled / "model"), "--labels", str(labelled / "returns"),
+                 "--fixed-horizon", "4", *common, "--out", str(labelled / "mixed")]) == 2
+    assert "`--fixed-horizon` is 4, but the training rows" in capsys.readouterr().err
+    assert main(["train-head", "--model", str(labelled / "model"), "--labels", str(labelled / "rollout"),
+                 "--fixed-horizon", "0", "--out", str(labelled / "zero")]) == 2
+    assert "`--fixed-horizon` must be a positive integer, but is 0" in capsys.readouterr().err
+
+
+def test_train_head_is_the_same_head_whatever_ran_before(labelled):
+    """--seed decides the initial weights too, not the process's random state before the run."""
+    digests = []
+    for index, noise in enumerate((0, 7)):
+        torch.manual_seed(noise)
+        torch.rand(noise)  # whatever else the process drew first
+        out = labelled / f"seeded-{index}"
+        assert main(["train-head", "--model", str(labelled / "model"), "--labels", str(labelled / "rollout"),
+                     "--mlp-hidden", "16", "--epochs", "1", "--batch-size", "16", "--out", str(out)]) == 0
+        digests.append((out / "head" / "head.safetensors").read_bytes())
+    assert digests[0] == digests[1]
+
+
 def test_train_head_refuses_labels_of_another_model(labelled, capsys):
     code = main(["train-head", "--model", str(labelled / "other"), "--labels", str(labelled / "returns"),
                  "--out", str(labelled / "wrong")])

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, make_model
 from test_compare import model_windows
 from test_value import random_value
 
@@ -20,6 +20,7 @@ from calibrated_sampling.lookahead_value_fit import (
     fit_alpha_bins,
     fit_spec_alpha,
     per_step_alphas,
+    spec_source,
     with_alpha,
 )
 from calibrated_sampling.measure import measure, teacher_forced
@@ -189,3 +190,41 @@ def test_alpha_fit_has_a_standard_error_and_a_minimum(tiny, tmp_path, one_thread
                             batch_size=3)
     assert fitted["spec"].startswith(f"lookahead-value:{tmp_path / 'v'}:alpha=") and fitted["stderr"] > 0
     assert parse_sampler(fitted["spec"], model).key == fitted["spec"]
+
+
+def test_head_source_is_the_heads_f_on_the_teacher_forced_hidden_states(tiny, tmp_path, one_thread):
+    from test_calibrator import make_head
+
+    model, tok = tiny
+    head = make_head(model, tok)
+    head.save_pretrained(tmp_path / "h")
+    windows = model_windows(model, 4, 5, 6, temperature=0.8)
+    for horizon in (None, 2):
+        spec = f"head:{tmp_path / 'h'}:alpha=fit:top=4" + ("" if horizon is None else f":horizon={horizon}")
+        source = spec_source(spec, model)
+        terms = lookahead_loss_terms(model, tok, windows, batch_size=3, source=source)
+        # the same F by hand: the head on each step's last hidden state, at the top 4 of p
+        ids = torch.tensor([w.prompt_ids + w.continuation_ids for w in windows])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        for t in range(6):
+            position = len(windows[0].prompt_ids) + t - 1
+            logp = torch.log_softmax(out.logits[:, position].float(), -1)
+            top = logp.topk(4, -1).indices
+            k = torch.full((4,), 6 - 1 - t if horizon is None else horizon)
+            expected = head(out.hidden_states[-1][:, position], k).gather(-1, top)
+            rows = terms["step"] == t
+            assert torch.allclose(terms["entropy"][rows].float(), expected, atol=1e-4)
+            assert torch.allclose(terms["logp"][rows].float(), logp.gather(-1, top), atol=1e-4)
+    fit = fit_alpha(terms)
+    assert math.isfinite(fit["alpha"]) and fit["stderr"] > 0
+    fitted = fit_spec_alpha(f"head:{tmp_path / 'h'}:alpha=fit:top=4:horizon=2", model, tok, windows, batch_size=3)
+    assert fitted["alpha"] == pytest.approx(fit["alpha"]) and fitted["spec"] == with_alpha(spec, fit["alpha"])
+    with pytest.raises(TypeError, match="from_hidden"):
+        source(ids, out.logits[:, -1])
+    with pytest.raises(ValueError, match="pins head files sha256"):
+        spec_source(f"head:{tmp_path / 'h'}:alpha=fit:sha256=0123456789abcdef", model)
+    with pytest.raises(ValueError, match="names no head folder"):
+        spec_source("head:alpha=fit", model)
+    with pytest.raises(ValueError, match=r"`vocab_size`: head 99, model 120"):
+        spec_source(f"head:{tmp_path / 'h'}:alpha=fit", make_model(vocab=120))

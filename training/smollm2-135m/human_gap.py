@@ -7,7 +7,7 @@ the model: d(human log loss)/db at b = 0 is the gap F(x, v_human) - E_{v~p}[F(x,
 contexts. The rollout label folders hold, for each context, the human token and the model's top
 candidates with their measured future entropy (16-step rollouts; one step exactly in `onestep`). On the
 prompts held out from training (the same split as train-head), this prints that gap as measured and as
-the head predicts it, with p renormalised over each context's candidates.
+the head predicts it (a head of one fixed horizon is read at it), with p renormalised over each context's candidates.
 """
 
 import argparse
@@ -69,7 +69,7 @@ def main() -> None:
         rows = {key: labels[key][held_out] for key in ("hidden", "token", "horizon", "target", "context_id", "human")}
         with torch.no_grad():
             log_p = candidate_log_probs(model, rows["hidden"], rows["token"])
-            predicted = head.predict_rows(rows["hidden"], rows["token"], rows["horizon"]).double()
+            predicted = head.predict_rows(rows["hidden"], rows["token"], head.horizon_for(rows["horizon"])).double()
         _, group = torch.unique(rows["context_id"], return_inverse=True)
         human_rows = rows["human"].bool()
         measured = gaps(group, human_rows, rows["target"].double(), log_p)
