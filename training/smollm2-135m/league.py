@@ -93,7 +93,7 @@ def main() -> None:
     notes = ["* the shipped head's shape, read through the same calibrator path: its cost is the shipped head's"]
     if cost:
         notes.append(f"cost: {cost['machine']}, {cost['max_new_tokens']} new tokens, median of {cost['repeats']} pairs")
-    table += "\n\n" + "\n".join(notes)
+    table += "\n\n" + "\n\n".join(notes)
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
