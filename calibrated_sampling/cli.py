@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_theory.add_theory_parser(sub)
     cli_theory.add_corpus_exponent_parser(sub)
     cli_theory.add_scaling_parser(sub)
-    cli_lookahead.add_parsers(sub)  # train-value, lookahead-fit
+    cli_lookahead.add_parsers(sub)  # train-value, lookahead-fit, judge
     return parser
 
 

@@ -1,7 +1,8 @@
-"""`calibrated-sampling train-value` and `lookahead-fit`: the state-value head and the lookaheads' alpha.
+"""`calibrated-sampling train-value`, `lookahead-fit` and `judge`: the state-value head, the lookaheads' alpha,
+and any F scored within contexts against held-out rollout labels.
 
-Both are thin: the work is in value_train.py (the head) and lookahead_fit.py (the alpha and its clustered
-standard error); cli.py registers them beside the other subcommands.
+All are thin: the work is in value_train.py (the head), lookahead_fit.py (the alpha and its clustered
+standard error) and judge.py; cli.py registers them beside the other subcommands.
 """
 
 from __future__ import annotations
@@ -68,6 +69,35 @@ def cmd_lookahead_fit(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    from .judge import judge_sources
+    from .models import load_model
+
+    folders = [part for part in args.labels.split(",") if part]
+    if not folders:
+        raise ValueError(f"`--labels` names no label folder: {args.labels!r}")
+    if not args.source:
+        raise ValueError("`--source` is missing: give at least one F spec to judge")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    report = []
+    for folder in folders:
+        judged = judge_sources(folder, args.source, model)
+        report.append(judged)
+        print(f"{folder} ({judged['data']}, horizon {judged['horizon']}, {judged['contexts']} contexts x "
+              f"{judged['candidates']} candidates x {judged['rollouts']} rollouts): split-half reliability "
+              f"{judged['reliability']:.3f}, ceiling {judged['ceiling']:.3f}, human gap "
+              f"{next(iter(judged['sources'].values()))['gap_measured']:+.3f}")
+        print(f"  {'F':60s} {'corr within':>11s} {'of ceiling':>10s} {'R2 within':>9s} {'gap share':>9s}")
+        for spec, s in judged["sources"].items():
+            print(f"  {spec:60s} {s['corr_within']:+11.3f} {s['share_of_ceiling']:10.2f} {s['r2_within']:+9.3f} "
+                  f"{s['gap_share']:+9.2f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, json.dumps({"model": args.model, "judges": report}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_train_value_parser(sub) -> None:
     p = sub.add_parser("train-value", help="train a state-value head V_k(h) on returns label folders "
                                            "(for the lookahead-value F)")
@@ -105,8 +135,23 @@ def add_lookahead_fit_parser(sub) -> None:
     p.set_defaults(func=cmd_lookahead_fit)
 
 
+def add_judge_parser(sub) -> None:
+    p = sub.add_parser("judge", help="score F specs within contexts against held-out rollout labels (the judge: "
+                                     "split-half reliability, ceiling, correlation, R^2, human gap)")
+    common.add_model_args(p)
+    p.add_argument("--labels", required=True, help="comma-separated rollout label folders made on the eval side "
+                                                   "(training/smollm2-135m/judge_labels.sh)")
+    p.add_argument("--source", action="append", default=[],
+                   help="an F spec as lookahead-fit takes (alpha ignored), repeatable: head:HEAD_DIR:alpha=fit, "
+                        "lookahead:fit, lookahead2:alpha=fit:top2=8, lookahead-value:VALUE_DIR:alpha=fit (its "
+                        "horizon defaults to the judge's)")
+    p.add_argument("--out", default=None, help="also write the scores as JSON here")
+    p.set_defaults(func=cmd_judge)
+
+
 def add_parsers(sub) -> None:
-    """Register both subcommands."""
+    """Register the subcommands."""
     add_train_value_parser(sub)
     add_lookahead_fit_parser(sub)
+    add_judge_parser(sub)
 

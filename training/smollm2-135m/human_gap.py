@@ -18,33 +18,12 @@ from pathlib import Path
 import torch
 
 from calibrated_sampling.heads import FutureEntropyHead
+from calibrated_sampling.judge import candidate_log_probs, human_gaps
 from calibrated_sampling.label_rows import window_share  # train-head's split of prompts
 from calibrated_sampling.label_store import load_labels, read_manifest
 from calibrated_sampling.models import load_model
 
 FOLDERS = ("onestep", "rollout", "rollout-b")
-
-
-def candidate_log_probs(model, hidden: torch.Tensor, token: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log p(token | context) from the context's final hidden state, in chunks (a full row is V floats)."""
-    weight = model.get_output_embeddings().weight
-    out = []
-    for start in range(0, len(hidden), chunk):
-        logits = hidden[start:start + chunk].to(weight.dtype) @ weight.T
-        out.append(logits.gather(1, token[start:start + chunk, None])[:, 0] - logits.logsumexp(-1))
-    return torch.cat(out).double()
-
-
-def gaps(group: torch.Tensor, human_rows: torch.Tensor, values: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Per context (``group``: each row's context index): value at the human token minus the p-weighted
-    mean over the context's candidates."""
-    n = int(group.max()) + 1
-    weight = torch.exp(log_p - torch.zeros(n, dtype=log_p.dtype).scatter_reduce(0, group, log_p, "amax")[group])
-    total = torch.zeros(n, dtype=weight.dtype).index_add_(0, group, weight)
-    mean = torch.zeros(n, dtype=weight.dtype).index_add_(0, group, weight * values) / total
-    human = torch.full((n,), math.nan, dtype=weight.dtype)
-    human[group[human_rows]] = values[human_rows]
-    return (human - mean)[~human.isnan()]
 
 
 def summary(x: torch.Tensor) -> dict:
@@ -72,8 +51,8 @@ def main() -> None:
             predicted = head.predict_rows(rows["hidden"], rows["token"], head.horizon_for(rows["horizon"])).double()
         _, group = torch.unique(rows["context_id"], return_inverse=True)
         human_rows = rows["human"].bool()
-        measured = gaps(group, human_rows, rows["target"].double(), log_p)
-        guessed = gaps(group, human_rows, predicted, log_p)
+        measured = human_gaps(group, human_rows, rows["target"].double(), log_p)
+        guessed = human_gaps(group, human_rows, predicted, log_p)
         covered = torch.zeros(int(group.max()) + 1, dtype=log_p.dtype).index_add_(0, group, log_p.exp()).mean().item()
         corr = torch.corrcoef(torch.stack([measured, guessed]))[0, 1].item()
         report[name] = {"horizon": int(rows["horizon"].max()), "p_covered": covered, "measured": summary(measured),
