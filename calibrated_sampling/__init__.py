@@ -8,7 +8,7 @@ layer or lower ones only, and no modules import each other in a circle, not even
     foundations   files, data, models, metrics
     sampling      samplers, heads, calibrator, lookahead, value, lookahead_value, lookahead_schedule, schedule
     measurement   measure, mauve, journal
-    training      label_store, labels, label_rows, train, fit, lookahead_fit, entropy_fit, entropy_markov, value_train, lookahead_value_fit
+    training      label_store, labels, label_rows, train, fit, lookahead_fit, entropy_fit, entropy_markov, value_train, lookahead_value_fit, judge
     output        compare, report, theory, cli_common, cli_theory, cli_lookahead, cli
 
 - foundations: atomic file writes; human text as documents and prompt / continuation windows (and
