@@ -12,7 +12,10 @@ Every figure is read from a committed result that a command in the README wrote 
 - the log-loss-fitted weight alpha of F over the top 16 candidates, with its window-clustered standard error, and
   the eval-side log-loss change at that alpha (`calibrated-sampling lookahead-fit`, 24 fit / 24 eval windows x
   256 tokens; results/lookahead-fit/{text}-{name}.json), on pydoc and Jane Austen;
-- tokens per second against plain sampling at batch 1 and 16 (benchmarks/future_cost.py --out).
+- tokens per second against plain sampling at batch 1 and 16 (benchmarks/future_cost.py --out);
+- and, in a second table, each F against the judge (`calibrated-sampling judge`, results/judge/judge.json):
+  within-context correlation with held-out rollout targets at 16 and 64 steps, its share of the judge's
+  ceiling sqrt(split-half reliability), and R^2 within contexts.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import json
 from pathlib import Path
 
 # name, the F's lookahead-fit file stem, its head folder (within-context and gap columns; "judge": the exact
-# one-step F itself), its cost spec prefix
+# one-step F itself), its cost spec prefix, its source spec in results/judge/judge.json
 ROWS = (
-    ("shipped head (all label kinds)", "head-shipped", "heads/smollm2-135m", "calibrated:heads/smollm2-135m"),
-    ("distilled one-step head*", "head-distilled", "heads/smollm2-135m-distilled", "calibrated:heads/smollm2-135m"),
-    ("exact one-step lookahead, top 16", "onestep", "judge", "lookahead:alpha=0.1:top=16"),
-    ("lookahead-value (V_15 head), top 16", "value-h16", None, "lookahead-value:"),
-    ("exact two-step, top 8 x 8", "two-step", None, "lookahead2:"),
+    ("shipped head (all label kinds)", "head-shipped", "heads/smollm2-135m", "calibrated:heads/smollm2-135m",
+     "head:heads/smollm2-135m:alpha=fit"),
+    ("distilled one-step head*", "head-distilled", "heads/smollm2-135m-distilled", "calibrated:heads/smollm2-135m",
+     "head:heads/smollm2-135m-distilled:alpha=fit"),
+    ("exact one-step lookahead, top 16", "onestep", "judge", "lookahead:alpha=0.1:top=16", "lookahead:fit"),
+    ("lookahead-value (V_15 head), top 16", "value-h16", None, "lookahead-value:",
+     "lookahead-value:heads/smollm2-135m-value:alpha=fit"),
+    ("exact two-step, top 8 x 8", "two-step", None, "lookahead2:", "lookahead2:alpha=fit:top2=8"),
 )
 TEXTS = ("pydoc", "austen")
 
@@ -69,10 +75,41 @@ def cost_cells(cost: dict | None, prefix: str) -> str:
     return " / ".join(f"{ratios[b]:.2f}" for b in sorted(ratios))
 
 
+def judge_table(judge: dict | None) -> str:
+    """Each F against the held-out rollout judges: correlation (share of the ceiling) and R^2, within contexts."""
+    if judge is None:
+        return "judge: not measured (calibrated-sampling judge --out results/judge/judge.json)"
+    judges = judge["judges"]
+    names = [f"{Path(j['folder']).name.removeprefix('judge-')}" for j in judges]
+    lines = ["| F | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines.append("| ceiling (split-half reliability) | "
+                 + " | ".join(f"{j['ceiling']:.2f} ({j['reliability']:.2f})" for j in judges) + " |")
+    for name, *_, source in ROWS:
+        cells = []
+        for j in judges:
+            row = j["sources"].get(source)
+            if row is None:
+                cells.append("not measured")
+                continue
+            # a share of a ceiling under 0.3 is no share: the split-half estimate is noise there
+            share = f" ({row['share_of_ceiling']:.2f})" if j["ceiling"] >= 0.3 else ""
+            cells.append(f"{row['corr_within']:+.2f}{share}, R² {row['r2_within']:+.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rollouts = sorted({j["rollouts"] for j in judges})
+    contexts = sorted({j["contexts"] for j in judges})
+    return "\n".join(lines) + (
+        f"\n\njudge: within-context correlation with rollout targets (share of the ceiling in brackets, left out"
+        f" where the ceiling is under 0.3); R² within contexts, F read as a prediction of the target (it means"
+        f" something only for an F that claims the judge's horizon: the shipped head, read at K, and lookahead-value);"
+        f" {'/'.join(map(str, contexts))} held-out contexts,"
+        f" the human token and q's top 8, {'/'.join(map(str, rollouts))} rollouts each under common random numbers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results")
     parser.add_argument("--cost", default="results/future-cost/cpu.json")
+    parser.add_argument("--judge", default="results/judge/judge.json")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args()
     root = Path(args.results)
@@ -83,7 +120,7 @@ def main() -> None:
         header += [f"{text}: alpha ± s.e.", f"{text}: eval log-loss change"]
     header += ["tokens/s vs plain, batch " + ("1 / 16" if cost else "(not measured)")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, stem, folder, prefix in ROWS:
+    for name, stem, folder, prefix, _ in ROWS:
         cells = [name, *head_cells(folder, gaps)]
         for text in TEXTS:
             cells += fit_cells(read(root / "lookahead-fit" / f"{text}-{stem}.json"))
@@ -93,7 +130,7 @@ def main() -> None:
     notes = ["* the shipped head's shape, read through the same calibrator path: its cost is the shipped head's"]
     if cost:
         notes.append(f"cost: {cost['machine']}, {cost['max_new_tokens']} new tokens, median of {cost['repeats']} pairs")
-    table += "\n\n" + "\n\n".join(notes)
+    table += "\n\n" + "\n\n".join(notes) + "\n\n" + judge_table(read(Path(args.judge)))
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
