@@ -33,8 +33,10 @@ def test_value_is_a_rate_times_the_horizon(tiny):
     assert torch.equal(value(hidden, 0), torch.zeros(5))  # V_0 = 0: nothing left to generate
     k = torch.tensor([1, 2, 3, 7, 12])
     assert value(hidden, k).shape == (5,)
-    assert torch.equal(value.predict_rows(hidden, torch.zeros(5, dtype=torch.long), k), value(hidden, k))
-    assert value(hidden[0].expand(2, 32), torch.tensor([3, 3])).unique().numel() == 1
+    torch.testing.assert_close(value.predict_rows(hidden, torch.zeros(5, dtype=torch.long), k), value(hidden, k))
+    # The same state and horizon give the same value; rows of a batch may differ in the last bit on some CPUs.
+    twin = value(hidden[0].expand(2, 32), torch.tensor([3, 3]))
+    torch.testing.assert_close(twin[0], twin[1])
     with pytest.raises(ValueError, match="`mlp_hidden` must be a positive integer, but is 0"):
         ValueConfig(hidden_size=32, vocab_size=99, mlp_hidden=0)
     with pytest.raises(ValueError, match="more than 5%"):

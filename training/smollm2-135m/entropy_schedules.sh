@@ -10,22 +10,27 @@
 #     (then the same with FITS="head temperature": the journal resumes, only the new schedule is measured)
 #   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
 #     TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973 training/smollm2-135m/entropy_schedules.sh
+#   MODEL=gemma3-270m DATA=pydoc T=128 NAME=pydoc-128 FIT_PROMPTS=24 PROMPTS=32 FITS=temperature \
+#     OUT=results/schedules-gemma3-270m-pydoc-128 \
+#     TEMPERATURE=temperature=0.96,min_p=0.000002,min_p=0.00001,min_p=0.00005,min_p=0.0002 \
+#     training/smollm2-135m/entropy_schedules.sh   (another model: no head of its own, so F = none only)
 # FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8);
 # TEMPERATURE: the samplers measured beside them, two of them on
 # either side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0; BASE= leaves
 # the base sampler out. Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its
 # journal entry, so an interrupted run picks up where it stopped.
 set -euo pipefail
+MODEL=${MODEL:-smollm2-135m}
 DATA=${DATA:-../shared/data/austen}
 T=${T:-512}
 NAME=${NAME:-austen-512}
 HEAD=${HEAD:-heads/smollm2-135m}
 FITS=${FITS:-temperature head}
-FIT="--model smollm2-135m --data $DATA --num-prompts ${FIT_PROMPTS:-48} --max-new-tokens $T --bin-size 64 \
+FIT="--model $MODEL --data $DATA --num-prompts ${FIT_PROMPTS:-48} --max-new-tokens $T --bin-size 64 \
      --batch-size 16 --max-rounds ${ROUNDS:-8}"
 SAMPLERS=${BASE-base,}
 for kind in $FITS; do
-  schedule=schedules/smollm2-135m-$NAME-$kind.json
+  schedule=schedules/$MODEL-$NAME-$kind.json
   case $kind in
     temperature) [ -f "$schedule" ] || calibrated-sampling fit $FIT --out "$schedule" ;;
     head) [ -f "$schedule" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$schedule" ;;
@@ -34,6 +39,6 @@ for kind in $FITS; do
   esac
   SAMPLERS="${SAMPLERS}schedule:$schedule,"
 done
-calibrated-sampling measure --model smollm2-135m --data "$DATA" --split eval \
+calibrated-sampling measure --model $MODEL --data "$DATA" --split eval \
     --samplers "${SAMPLERS}${TEMPERATURE:-temperature=0.97,temperature=0.96}" \
     --num-prompts ${PROMPTS:-128} --max-new-tokens $T --batch-size 16 --seed 0 --out ${OUT:-results/calibrated-austen-512}

@@ -1,0 +1,37 @@
+"""The headline script reads the committed equal-entropy runs; it is what the README's first table prints."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path("training/smollm2-135m/headline.py")
+
+
+def run(results: Path) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(results)], capture_output=True, text=True,
+                          check=True)
+    return done.stdout
+
+
+def test_headline_reads_the_bracket_and_every_schedule(tmp_path):
+    shutil.copytree("results/schedules-pydoc-256", tmp_path / "schedules-pydoc-256")
+    out = run(tmp_path)
+    # only the setting present is shown
+    assert "pydoc, 64 held-out prompts x 256 tokens" in out and "Jane Austen" not in out
+    rows = json.loads((tmp_path / "schedules-pydoc-256" / "equal_entropy.json").read_text())["rows"]
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    # header, then temperature (the reference) and min-p, then the two schedules: F = none before the head's
+    assert [line.split(" | ")[1] for line in lines[1:]] == [
+        "temperature 0.9 / 0.91, interpolated (≈ 0.905)", "min-p 0.0005628 / 0.0006973, interpolated (≈ 0.000569)",
+        "per-step temperature schedule", "the head's schedule (F: shipped head)"]
+    head = rows["schedule:schedules/smollm2-135m-pydoc-256-head.json"]
+    assert f"{head['paired_difference']:+.4f} ± {head['paired_stderr']:.4f}" in lines[-1]
+    assert f"{head['entce']:+.3f} ± {head['entce_stderr']:.3f}" in lines[-1]
+    assert "0 (the reference)" in lines[1] and "0 (the reference)" not in lines[2]
+    assert "†" in lines[2] and "†" not in lines[3]  # min-p's log loss is the smoothed one
+
+
+def test_headline_of_nothing_is_only_the_note(tmp_path):
+    assert run(tmp_path).startswith("nothing measured yet")

@@ -1,0 +1,113 @@
+"""The headline table: every sampler at equal entropy (EntCE = 0), on every text and model measured.
+
+    python training/smollm2-135m/headline.py [--out results/headline/headline.md]
+
+Each setting is one committed `measure` run whose samplers include two temperatures (and optionally two
+min-p values) on either side of EntCE = 0, beside entropy-matched schedules; `measure` wrote its table *At
+equal entropy* to equal_entropy.json there (temperature and min-p interpolated to EntCE = 0, every row's
+log loss paired with temperature's over the same prompts and seed). The commands that wrote them are in
+the README (*Entropy-matched schedules ...*) and in training/smollm2-135m/entropy_schedules.sh. A setting
+whose folder is missing is left out, so that the table only ever shows what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from calibrated_sampling.compare import KNOBS, family, nearest_bracket
+
+# (short name, model and text, folder under --results): the order of the README's headline
+SETTINGS = (
+    ("pydoc 256", "SmolLM2-135M on pydoc", "schedules-pydoc-256"),
+    ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512"),
+    ("pydoc 128", "SmolLM2-135M on pydoc", "schedules-pydoc-128"),
+    ("Gemma pydoc 128", "Gemma-3-270M on pydoc", "schedules-gemma3-270m-pydoc-128"),
+)
+# a schedule's F kind (its file's "future") -> the row's name, formatted with the file's "future" entry
+SCHEDULE_NAMES = {"none": "per-step temperature schedule", "head": "the head's schedule (F: shipped head)",
+                  "lookahead": "the lookahead's schedule (F: exact one-step, top {top})"}
+RANK = ("temperature", "min_p", *SCHEDULE_NAMES)  # the rows' order: matched knobs, then schedules by F kind
+HEADER = ("setting", "method at EntCE = 0", "EntCE ± s.e.", "Δ log loss vs temperature ± paired s.e.", "distinct-2",
+          "seq-rep-4", "max bin \\|EntCE\\| (64 steps)", "s / token")
+
+
+def matched_setting(knob: str, samplers: dict) -> str:
+    """The two measured settings of a knob that bracket EntCE = 0 and the setting interpolated between them
+    (linearly, on a log scale for a knob searched on one), as `measure` reads it."""
+    identity, _, log = KNOBS[knob]
+    points = {value: r["entce"] for spec, r in samplers.items() for name, value in [family(spec)] if name == knob}
+    if identity is not None and "base" in samplers:
+        points.setdefault(identity, samplers["base"]["entce"])
+    (x0, f0), (x1, f1) = nearest_bracket(sorted(points.items()))
+    scale, unscale = (math.log, math.exp) if log else (float, float)
+    x = unscale(scale(x0) + (scale(x1) - scale(x0)) * f0 / (f0 - f1)) if f0 != f1 else x0
+    return f"{knob.replace('_', '-')} {x0:.4g} / {x1:.4g}, interpolated (≈ {x:.3g})"
+
+
+def row_name(spec: str, row: dict, samplers: dict) -> tuple[int, str]:
+    """(rank in the table, readable name): the matched knob's bracket, or the schedule's F read from its file."""
+    if row["kind"] == "matched":
+        return RANK.index(spec) if spec in RANK else len(RANK), matched_setting(spec, samplers)
+    path = Path(spec.removeprefix("schedule:"))
+    try:
+        future = json.loads(path.read_text())["future"]
+    except (OSError, KeyError, ValueError):
+        return len(RANK), path.name  # the file moved: its name is all there is
+    if future["kind"] not in SCHEDULE_NAMES:
+        return len(RANK), path.name
+    return RANK.index(future["kind"]), SCHEDULE_NAMES[future["kind"]].format(**future)
+
+
+def cells(row: dict, reference: str) -> list[str]:
+    entce = "0" if row["entce_stderr"] is None else f"{row['entce']:+.3f} ± {row['entce_stderr']:.3f}"
+    # a truncating sampler gives some human tokens probability 0: its log loss is read smoothed
+    dagger = "†" if row["paired_smoothed"] else ""
+    delta = ("0 (the reference)" if row["kind"] == "matched" and row["spec"] == reference
+             else f"{row['paired_difference']:+.4f}{dagger} ± {row['paired_stderr']:.4f}")
+    seconds = row.get("seconds_per_token")
+    return [entce, delta, f"{row['distinct_2']:.3f}", f"{row['seq_rep_4']:.3f}", f"{row['max_abs_bin_entce']:.2f}",
+            "" if seconds is None else f"{seconds:.3f}"]
+
+
+def table(root: Path) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    sources, machines = [], set()
+    for short, title, folder in SETTINGS:
+        path = root / folder / "equal_entropy.json"
+        if not path.exists():
+            continue
+        matched = json.loads(path.read_text())
+        rows = matched["rows"]
+        measured = json.loads((root / folder / "results.json").read_text())
+        machines.add(measured["settings"]["machine"])
+        for spec, (_, name) in sorted(((spec, row_name(spec, row, measured["samplers"])) for spec, row in rows.items()),
+                                      key=lambda item: item[1]):
+            lines.append("| " + " | ".join([short, name, *cells(rows[spec], matched["reference"])]) + " |")
+        settings = measured["settings"]  # the run's own record of its size, not the setting's name
+        sources.append(f"{short}: {title}, {settings['num_prompts']} held-out prompts x {settings['max_new_tokens']}"
+                       f" tokens, seed {settings['seed']} (`{path}`)")
+    if not sources:
+        return "nothing measured yet (training/smollm2-135m/entropy_schedules.sh writes the settings)"
+    notes = [f"settings: {'; '.join(sources)}; on {' / '.join(sorted(machines))}.",
+             "† min-p gives some human tokens probability 0: its log loss is read smoothed (q mixed with 1e-4 of"
+             " the model's own distribution), and its difference to temperature with it."]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    args = parser.parse_args()
+    text = table(Path(args.results))
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
