@@ -534,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"calibrated-sampling {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        common.leave_process_group()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,21 @@ def distributed() -> Processes | None:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _JOINED.append(dist)
     return Processes(dist.get_rank(), dist.get_world_size(), device)
+
+
+_JOINED: list = []  # torch.distributed, once `distributed` has created the process group (and only then)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group that `distributed` created, before the interpreter exits: left to the
+    exit, gloo's threads can abort a process whose work is done ("terminate called without an active
+    exception", exit -6). A group created by the caller is the caller's to destroy."""
+    while _JOINED:
+        dist = _JOINED.pop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
