@@ -465,6 +465,16 @@ def measured_equal_entropy(results: dict[str, dict]) -> dict | None:
     between the bracketing pair nearest zero, and every ``schedule:`` spec is a schedule row. None when
     temperature has no bracket (nothing to read the rows against)."""
     roles = {spec: {**r, "roles": ["schedule"] if spec.startswith("schedule:") else []} for spec, r in results.items()}
+    matched = measured_matches(roles)
+    if "temperature" not in matched:
+        return None
+    return equal_entropy(roles, matched)
+
+
+def measured_matches(results: dict[str, dict]) -> dict[str, dict]:
+    """Each knob of :data:`KNOBS` read at EntCE = 0 in a plain ``measure`` run, as :func:`matched_entry`
+    gives it (the bracket's two measured settings, ``value_at_zero`` between them); knobs without a bracket
+    are left out."""
     matched = {}
     for name, (identity, _, log) in KNOBS.items():
         points = {value: spec for spec in results for fam, value in [family(spec)] if fam == name}
@@ -476,13 +486,11 @@ def measured_equal_entropy(results: dict[str, dict]) -> dict | None:
             continue
         lo, hi = bracket
         x, fx = min((lo, hi), key=lambda point: abs(point[1]))
-        within = all(abs(f) <= _finite_or_zero(roles[points[v]].get("entce_stderr")) for v, f in (lo, hi))
+        within = all(abs(f) <= _finite_or_zero(results[points[v]].get("entce_stderr")) for v, f in (lo, hi))
         found = {"x": x, "fx": fx, "bracket": [list(lo), list(hi)], "history": [list(p) for p in known],
                  "converged": within}
-        matched[name] = {"knob": name, **matched_entry(found, points, roles, log), "measure_calls": 0}
-    if "temperature" not in matched:
-        return None
-    return equal_entropy(roles, matched)
+        matched[name] = {"knob": name, **matched_entry(found, points, results, log), "measure_calls": 0}
+    return matched
 
 
 def schedule_specs(model: PreTrainedModel, tokenizer, schedules: list[str], preset: Preset) -> list[str]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from calibrated_sampling.compare import KNOBS, family, nearest_bracket
+from calibrated_sampling.compare import measured_matches
+from calibrated_sampling.files import write_atomic
 
 # (short name, model and text, folder under --results): the order of the README's headline
 SETTINGS = (
@@ -34,23 +34,18 @@ HEADER = ("setting", "method at EntCE = 0", "EntCE ± s.e.", "Δ log loss vs tem
           "seq-rep-4", "max bin \\|EntCE\\| (64 steps)", "s / token")
 
 
-def matched_setting(knob: str, samplers: dict) -> str:
-    """The two measured settings of a knob that bracket EntCE = 0 and the setting interpolated between them
-    (linearly, on a log scale for a knob searched on one), as `measure` reads it."""
-    identity, _, log = KNOBS[knob]
-    points = {value: r["entce"] for spec, r in samplers.items() for name, value in [family(spec)] if name == knob}
-    if identity is not None and "base" in samplers:
-        points.setdefault(identity, samplers["base"]["entce"])
-    (x0, f0), (x1, f1) = nearest_bracket(sorted(points.items()))
-    scale, unscale = (math.log, math.exp) if log else (float, float)
-    x = unscale(scale(x0) + (scale(x1) - scale(x0)) * f0 / (f0 - f1)) if f0 != f1 else x0
-    return f"{knob.replace('_', '-')} {x0:.4g} / {x1:.4g}, interpolated (≈ {x:.3g})"
+def matched_setting(knob: str, matches: dict) -> str:
+    """The two measured settings of a knob that bracket EntCE = 0 and the setting interpolated between them,
+    as `measure` read them (:func:`measured_matches`)."""
+    entry = matches[knob]
+    (lo, hi), x = entry["bracket"], entry["value_at_zero"]
+    return f"{knob.replace('_', '-')} {lo['value']:.4g} / {hi['value']:.4g}, interpolated (≈ {x:.3g})"
 
 
-def row_name(spec: str, row: dict, samplers: dict) -> tuple[int, str]:
+def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
     """(rank in the table, readable name): the matched knob's bracket, or the schedule's F read from its file."""
     if row["kind"] == "matched":
-        return RANK.index(spec) if spec in RANK else len(RANK), matched_setting(spec, samplers)
+        return RANK.index(spec) if spec in RANK else len(RANK), matched_setting(spec, matches)
     path = Path(spec.removeprefix("schedule:"))
     try:
         future = json.loads(path.read_text())["future"]
@@ -82,11 +77,12 @@ def table(root: Path) -> str:
         matched = json.loads(path.read_text())
         rows = matched["rows"]
         measured = json.loads((root / folder / "results.json").read_text())
-        machines.add(measured["settings"]["machine"])
-        for spec, (_, name) in sorted(((spec, row_name(spec, row, measured["samplers"])) for spec, row in rows.items()),
+        matches = measured_matches(measured["samplers"])
+        for spec, (_, name) in sorted(((spec, row_name(spec, row, matches)) for spec, row in rows.items()),
                                       key=lambda item: item[1]):
             lines.append("| " + " | ".join([short, name, *cells(rows[spec], matched["reference"])]) + " |")
         settings = measured["settings"]  # the run's own record of its size, not the setting's name
+        machines.add(settings["machine"])
         sources.append(f"{short}: {title}, {settings['num_prompts']} held-out prompts x {settings['max_new_tokens']}"
                        f" tokens, seed {settings['seed']} (`{path}`)")
     if not sources:
@@ -106,7 +102,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_atomic(args.out, text + "\n")
 
 
 if __name__ == "__main__":
