@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from .calibrator import parse_calibrated
 from .data import Window, windows_digest
 from .journal import Journal, fingerprint
-from .lookahead import parse_lookahead
+from .lookahead import lookahead_key, parse_lookahead
 from .lookahead_fit import fit_lookahead_alpha
 from .mauve import compute_mauve, mauve_available, text_features
 from .measure import measure
@@ -104,6 +104,9 @@ PRESETS = {
 KNOBS = {"temperature": (1.0, (0.5, 1.5), False), "top_p": (1.0, (0.2, 1.0), False),
          "min_p": (None, (1e-5, 0.5), True)}
 SCALE_RANGE = (0.0, 4.0)
+# The family suffix of a method with a temperature of its own (``lookahead:alpha=A:top=C:temperature=T``): in a
+# ``measure`` run its temperature is a knob read at EntCE = 0 like temperature's, T = 1 being the method itself.
+TEMPERED = " + temperature"
 
 
 def grid_specs(preset: Preset) -> list[str]:
@@ -471,15 +474,29 @@ def measured_equal_entropy(results: dict[str, dict]) -> dict | None:
     return equal_entropy(roles, matched)
 
 
+def untempered_spec(tempered: str, results: dict[str, dict]) -> str | None:
+    """The spec in ``results`` of a :data:`TEMPERED` family's method at temperature 1, however it was spelled
+    (``lookahead:alpha=0.1`` for ``lookahead:alpha=0.1:top=16 + temperature``), or None."""
+    for spec in results:
+        if spec.partition(":")[0].strip() == "lookahead":
+            options = parse_lookahead(spec)
+            if options["alpha"] != "fit" and lookahead_key(options) + TEMPERED == tempered:
+                return spec
+    return None
+
+
 def measured_matches(results: dict[str, dict]) -> dict[str, dict]:
-    """Each knob of :data:`KNOBS` read at EntCE = 0 in a plain ``measure`` run, as :func:`matched_entry`
-    gives it (the bracket's two measured settings, ``value_at_zero`` between them); knobs without a bracket
-    are left out."""
+    """Each knob of :data:`KNOBS`, and the temperature of each method measured with one (:data:`TEMPERED`),
+    read at EntCE = 0 in a plain ``measure`` run, as :func:`matched_entry` gives it (the bracket's two measured
+    settings, ``value_at_zero`` between them); knobs without a bracket are left out."""
     matched = {}
-    for name, (identity, _, log) in KNOBS.items():
+    tempered = sorted({fam for spec in results for fam, _ in [family(spec)] if fam.endswith(TEMPERED)})
+    knobs = {**{name: (identity, "base", log) for name, (identity, _, log) in KNOBS.items()},
+             **{fam: (1.0, untempered_spec(fam, results), False) for fam in tempered}}
+    for name, (identity, at_identity, log) in knobs.items():
         points = {value: spec for spec in results for fam, value in [family(spec)] if fam == name}
-        if identity is not None and "base" in results:
-            points.setdefault(identity, "base")
+        if identity is not None and at_identity in results:
+            points.setdefault(identity, at_identity)
         known = sorted((value, results[spec]["entce"]) for value, spec in points.items())
         bracket = nearest_bracket(known)
         if bracket is None:
@@ -598,14 +615,17 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
 
 def family(key: str) -> tuple[str, float | None]:
     """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
-    ("lookahead", alpha), ("calibrated NAME", scale); a composition is its own family, without a value."""
+    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T), ("calibrated NAME", scale); a composition
+    of warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
     if sep and kind == "calibrated":
         head_dir, options = parse_calibrated(key)
         return f"calibrated {Path(head_dir).name}", options["scale"]
     if sep and kind == "lookahead":
-        alpha = parse_lookahead(key)["alpha"]
-        return "lookahead", None if alpha == "fit" else alpha
+        options = parse_lookahead(key)
+        if options["temperature"] != 1:  # a lookahead of fixed alpha and top, its temperature the knob
+            return lookahead_key({**options, "temperature": 1.0}) + TEMPERED, options["temperature"]
+        return "lookahead", None if options["alpha"] == "fit" else options["alpha"]
     name, _, value = key.partition("=")
     if name not in WARPERS or "+" in key:
         return key, None

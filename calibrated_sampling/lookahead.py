@@ -13,7 +13,9 @@ row cost one batched forward pass and no copy of the cache.
 The same pass also yields the hidden state after each candidate, h(x, v) (``candidate_pass``), and can
 leave the candidates in the cache for a pass further ahead: lookahead_value.py builds on both.
 
-Spec: ``lookahead:alpha=X[:top=C]``; ``lookahead:fit[:top=C]`` is resolved by
+Spec: ``lookahead:alpha=X[:top=C][:temperature=T]``; ``temperature`` divides log q by T afterwards (one
+knob that moves the lookahead to EntCE = 0, as temperature moves p there, so the two can be compared at
+equal entropy); ``lookahead:fit[:top=C]`` is resolved by
 :func:`.lookahead_fit.fit_lookahead_alpha` (``compare`` does it on the fit split), since a fit needs
 data; fitting lives in the training layer, above the measurement pass it drives.
 """
@@ -126,22 +128,28 @@ def lookahead_logits(logp: torch.Tensor, candidates: torch.Tensor, next_entropy:
 
 
 class LookaheadProcessor(LogitsProcessor):
-    """q(v) ∝ p(v) exp(-alpha H(p(. | x, v))) over the top ``top`` tokens of p; the rest keep p.
+    """q(v) ∝ p(v) exp(-alpha H(p(. | x, v))) over the top ``top`` tokens of p, the rest keeping p; then, with
+    ``temperature`` T, q^(1/T) renormalised.
 
     Args:
         model (`PreTrainedModel`): the LM whose next-step entropies are looked up.
         alpha (`float`): weight of the next-step entropy (0 gives p; > 0 prefers tokens after which
             the model is more certain).
         top (`int`, *optional*, defaults to 16): number of candidates C (one forward pass of B * C tokens per step).
+        temperature (`float`, *optional*, defaults to 1): applied to the lookahead's q (the candidates are
+            still the top C of p, and their entropies those of p).
 
     >>> processor = LookaheadProcessor(model, alpha=0.1, top=8)  # doctest: +SKIP
     >>> model.generate(ids, do_sample=True, logits_processor=LogitsProcessorList([processor]))  # doctest: +SKIP
     """
 
-    def __init__(self, model: PreTrainedModel, alpha: float, top: int = DEFAULT_TOP):
+    def __init__(self, model: PreTrainedModel, alpha: float, top: int = DEFAULT_TOP, temperature: float = 1.0):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"`alpha` must be a finite number, but is {alpha!r}")
-        self.alpha = float(alpha)
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ValueError(f"`temperature` must be a finite number above 0, but is {temperature!r}")
+        self.alpha, self.temperature = float(alpha), float(temperature)
         self.lookahead = LookaheadEntropy(model, top)
         self.mask: torch.Tensor | None = None  # the latest 2D padding mask seen by the model (set by the sampler)
 
@@ -152,7 +160,8 @@ class LookaheadProcessor(LogitsProcessor):
                              f"of {size} tokens: the scores come from another model or vocabulary")
         logp = torch.log_softmax(scores.float(), dim=-1)
         candidates, next_entropy = self.lookahead(input_ids, logp, self.mask)
-        return lookahead_logits(logp, candidates, next_entropy, self.alpha)
+        log_q = lookahead_logits(logp, candidates, next_entropy, self.alpha)
+        return log_q if self.temperature == 1 else log_q / self.temperature
 
 
 class LookaheadSampler(Sampler):
@@ -192,35 +201,48 @@ class LookaheadSampler(Sampler):
 
 
 def parse_lookahead(spec: str) -> dict:
-    """``lookahead:alpha=X[:top=C]`` or ``lookahead:fit[:top=C]`` -> {"alpha": float | "fit", "top": int}."""
-    options = {"alpha": None, "top": DEFAULT_TOP}
+    """``lookahead:alpha=X[:top=C][:temperature=T]`` or ``lookahead:fit[:top=C]`` -> {"alpha": float | "fit",
+    "top": int, "temperature": float}."""
+    options = {"alpha": None, "top": DEFAULT_TOP, "temperature": 1.0}
+    usage = "use lookahead:alpha=X[:top=C][:temperature=T] or lookahead:fit[:top=C]"
     for term in spec.split(":")[1:]:
         name, sep, raw = term.partition("=")
-        if name == "fit" and not sep:
+        if (name == "fit" and not sep) or (name == "alpha" and raw.strip() == "fit"):  # as the other F specs spell it
             options["alpha"] = "fit"
-        elif name in ("alpha", "top") and sep:
-            options[name] = parse_number(spec, name, raw, float if name == "alpha" else int)
+        elif name in options and sep:
+            options[name] = parse_number(spec, name, raw, int if name == "top" else float)
         else:
-            raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; use lookahead:alpha=X[:top=C] "
-                             "or lookahead:fit[:top=C]")
+            raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; {usage}")
     if options["alpha"] is None:
-        raise ValueError(f"sampler spec {spec!r} sets no alpha: use lookahead:alpha=X[:top=C] or lookahead:fit")
+        raise ValueError(f"sampler spec {spec!r} sets no alpha: {usage}")
     if options["top"] < 1:
         raise ValueError(f"sampler spec {spec!r}: `top` must be a positive integer, but is {options['top']!r}")
+    if options["temperature"] <= 0:
+        raise ValueError(f"sampler spec {spec!r}: `temperature` must be above 0, but is {options['temperature']!r}")
+    if options["alpha"] == "fit" and options["temperature"] != 1:
+        raise ValueError(f"sampler spec {spec!r}: alpha=fit fits alpha to human log loss with q itself, so it takes "
+                         "no temperature: fit alpha first, then set lookahead:alpha=X:temperature=T")
     return options
 
 
+def lookahead_key(options: dict) -> str:
+    """The canonical key of parsed lookahead options. The temperature is spelled out only where it is not 1, so
+    that the keys of measurements journaled before the option existed still name them."""
+    key = f"lookahead:alpha={format_number(options['alpha'])}:top={options['top']}"
+    return key if options["temperature"] == 1 else f"{key}:temperature={format_number(options['temperature'])}"
+
+
 def lookahead_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
-    """Build the sampler of a ``lookahead:alpha=X[:top=C]`` spec; its key spells out both
-    (``lookahead:alpha=0.1:top=16``)."""
+    """Build the sampler of a ``lookahead:alpha=X[:top=C][:temperature=T]`` spec; its key spells out alpha and
+    top, and the temperature where it is not 1 (``lookahead:alpha=0.1:top=16``, ``...:top=16:temperature=0.92``)."""
     options = parse_lookahead(spec)
     if options["alpha"] == "fit":
         raise ValueError(f"sampler spec {spec!r}: alpha=fit needs data; `calibrated-sampling compare` fits it "
                          "(or call calibrated_sampling.fit_lookahead_alpha and use lookahead:alpha=X)")
     if model is None:
         raise ModelRequired(spec)
-    processor = LookaheadProcessor(model, options["alpha"], options["top"])
-    processor.key = f"lookahead:alpha={format_number(options['alpha'])}:top={options['top']}"
+    processor = LookaheadProcessor(model, options["alpha"], options["top"], options["temperature"])
+    processor.key = lookahead_key(options)
     return LookaheadSampler(spec, LogitsProcessorList([processor]), truncating=False, key=processor.key)
 
 

@@ -159,9 +159,30 @@ def test_alpha_fit_lowers_human_log_loss(tiny):
     assert loss0 == pytest.approx(direct, abs=1e-5)  # alpha = 0 is the base model
 
 
+def test_lookahead_with_a_temperature_samples_q_to_the_power_one_over_t(tiny):
+    model, tok = tiny
+    windows = random_windows(2, [5, 8], 3)
+    sampler = parse_sampler("lookahead:alpha=0.4:top=7:temperature=0.8", model)
+    assert sampler.key == "lookahead:alpha=0.4:top=7:temperature=0.8"
+    with sampler.attach(model):
+        out = teacher_forced(model, sampler, windows, pad_id=0)
+    for i, w in enumerate(windows):
+        for t in range(3):
+            log_q = torch.log_softmax(formula_log_q(model, [*w.prompt_ids, *w.continuation_ids[:t]], 0.4, 7) / 0.8, -1)
+            assert out["log_loss"][i, t].item() == pytest.approx(-log_q[w.continuation_ids[t]].item(), abs=1e-4)
+            assert out["entropy"][i, t].item() == pytest.approx(-(log_q.exp() * log_q).sum().item(), abs=1e-4)
+
+
 def test_lookahead_specs():
-    assert parse_lookahead("lookahead:alpha=0.5:top=4") == {"alpha": 0.5, "top": 4}
-    assert parse_lookahead("lookahead:fit") == {"alpha": "fit", "top": 16}
+    assert parse_lookahead("lookahead:alpha=0.5:top=4") == {"alpha": 0.5, "top": 4, "temperature": 1.0}
+    assert parse_lookahead("lookahead:fit") == {"alpha": "fit", "top": 16, "temperature": 1.0}
+    # temperature 1 is the lookahead itself, under the key it had before the option existed
+    assert parse_sampler("lookahead:alpha=0.5:temperature=1.0", make_model()).key == "lookahead:alpha=0.5:top=16"
+    for bad in ("0", "-0.5", "inf"):
+        with pytest.raises(ValueError, match="temperature"):
+            parse_sampler(f"lookahead:alpha=0.5:temperature={bad}", make_model())
+    with pytest.raises(ValueError, match="takes no temperature"):
+        parse_lookahead("lookahead:fit:temperature=0.9")
     with pytest.raises(ValueError, match="needs data"):
         parse_sampler("lookahead:fit", make_model())
     with pytest.raises(ValueError, match="unknown term 'beta=1'"):

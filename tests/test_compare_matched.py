@@ -14,10 +14,12 @@ from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, Tem
 from calibrated_sampling.cli import main
 from calibrated_sampling.compare import (
     equal_entropy,
+    family,
     find_root,
     interpolate_at_zero,
     matched_entry,
     measured_equal_entropy,
+    measured_matches,
     paired_difference,
 )
 from calibrated_sampling.metrics import per_bin_entce
@@ -141,6 +143,32 @@ def test_a_measure_run_is_read_at_equal_entropy_from_its_own_brackets():
     assert "roles" not in results["base"] or results["base"]["roles"] == []  # the caller's results untouched
     # No temperature bracket: nothing to read against.
     assert measured_equal_entropy({"base": summary(0.3, 3.3, 0.8), "temperature=0.95": summary(0.1, 3.2, 0.7)}) is None
+
+
+def test_a_lookahead_with_its_own_temperature_is_a_knob_read_at_equal_entropy():
+    """Lookaheads of one alpha and top at several temperatures form one family, whose temperature is read at
+    EntCE = 0 like temperature's, the lookahead at temperature 1 (however spelled) its end at T = 1."""
+    results = {"temperature=0.9": summary(-0.1, 3.0, 0.5), "temperature=0.95": summary(0.1, 3.2, 0.7),
+               "lookahead:alpha=0.1": summary(0.6, 2.9, 0.8),  # top 16 and temperature 1 by default
+               "lookahead:alpha=0.1:top=16:temperature=0.93": summary(0.1, 3.02, 0.6),
+               "lookahead:alpha=0.1:top=16:temperature=0.92": summary(-0.3, 3.1, 0.5),
+               "lookahead:alpha=0.2:top=16:temperature=0.9": summary(0.2, 3.0, 0.5)}  # another family, no bracket
+    family_name = "lookahead:alpha=0.1:top=16 + temperature"
+    assert family("lookahead:alpha=0.1:top=16:temperature=0.93") == (family_name, 0.93)
+    assert family("lookahead:alpha=0.1:top=16:temperature=1") == ("lookahead", 0.1)
+    matches = measured_matches(results)
+    assert set(matches) == {"temperature", family_name}
+    entry = matches[family_name]
+    assert [end["spec"] for end in entry["bracket"]] == ["lookahead:alpha=0.1:top=16:temperature=0.92",
+                                                         "lookahead:alpha=0.1:top=16:temperature=0.93"]
+    assert entry["value_at_zero"] == pytest.approx(0.9275) and entry["log_loss"] == pytest.approx(3.04)
+    row = measured_equal_entropy(results)["rows"][family_name]
+    assert row["kind"] == "matched" and row["entce"] == 0.0
+    # per prompt: lookahead 3.04 -/+ 0.1, temperature 3.1 -/+ 0.1 -> -0.06 on both, s.e. 0
+    assert row["paired_difference"] == pytest.approx(-0.06) and row["paired_stderr"] == pytest.approx(0.0, abs=1e-12)
+    # Above 0 at 0.93 and at 1 (the spec without a temperature): no bracket there, so 0.92-0.93 is the one.
+    del results["lookahead:alpha=0.1:top=16:temperature=0.92"]
+    assert family_name not in measured_matches(results)
 
 
 # --- per-bin EntCE ----------------------------------------------------------------------------------------
