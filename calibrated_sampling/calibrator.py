@@ -413,6 +413,9 @@ FUSED_TEXT = {None: "auto", True: "1", False: "0"}
 
 def head_files_digest(head_dir: str | os.PathLike) -> str:
     """sha256 (16 hex digits) of a head folder's config and weights: what a calibrated key pins."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not Path(head_dir, name).is_file():
+            raise FileNotFoundError(f"head folder {head_dir} has no {name}")
     files = b"".join(Path(head_dir, name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME))
     return hashlib.sha256(files).hexdigest()[:16]
 

@@ -35,6 +35,7 @@ def cmd_measure(args) -> int:
     specs = split_specs(args.samplers)
     check_specs(specs)  # bad specs, missing head folders, a sampler named twice: before the model loads
     common.check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
+    common.check_out(args)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     state = common.distributed()  # several processes: each runs a share of the batches on its own device
@@ -108,6 +109,7 @@ def cmd_compare(args) -> int:
     schedules = [f.strip() for f in (args.schedules or "").split(",") if f.strip()]
     check_specs([f"schedule:{file}" for file in schedules])  # a missing or malformed file too (its model: later)
     common.check_counts(args, ("prompt_tokens",))
+    common.check_out(args)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -141,6 +143,8 @@ def cmd_label(args) -> int:
 
     check_specs([args.sampler])  # a bad spec or a missing head folder fails before the model loads
     common.check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
+    common.check_seed(args)
+    common.check_out(args)
     model, tokenizer, windows = _load(args)
     sampler = parse_sampler(args.sampler, model)
     if args.kind != "returns" and sampler.hooks_model:
@@ -168,6 +172,8 @@ def cmd_train_head(args) -> int:
 
     if args.fixed_horizon is not None and args.fixed_horizon < 1:
         raise ValueError(f"`--fixed-horizon` must be a positive integer, but is {args.fixed_horizon}")
+    common.check_training_args(args)
+    common.check_out(args)
     model, tokenizer = load_model(args.model, dtype="float32", device=args.device)
     folders = [f.strip() for f in args.labels.split(",") if f.strip()]
     value_fn = None
@@ -251,6 +257,12 @@ def _check_fit_args(args) -> None:
                              "schedule held out with `measure --samplers schedule:FILE`")
     elif args.head is None:
         raise ValueError("`--objective log-loss` fits a head's weights: `--head` is required")
+    # A schedule file, or (log-loss) a folder for the head's copy: the fit's minutes are not lost on a typo.
+    common.check_out(args, "file" if args.objective == "entropy" or (args.out or "").endswith(".json") else "folder")
+    if args.head is not None:
+        from .heads import read_folder
+
+        read_folder(args.head)  # a missing or corrupt config.json or head.safetensors: before the model loads
 
 
 def _fit_windows(args, tokenizer):
@@ -369,6 +381,8 @@ def cmd_generate(args) -> int:
                          f"({calibrator.max_new_tokens} tokens); add --past-schedule base to sample from the base "
                          f"model after it")
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    if inputs["input_ids"].shape[1] == 0:  # the model has nothing to condition on (no BOS token is added)
+        raise ValueError(f"`--prompt` {args.prompt!r} has no tokens for this tokenizer: give some text")
     torch.manual_seed(args.seed)
     with calibrator.attached(model), torch.no_grad():
         # Plain sampling settings: q is exactly the calibrated distribution (no default top-k / temperature).
@@ -531,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except (ValueError, OSError, ModuleNotFoundError) as error:  # OSError: also a hub id that cannot be reached
         print(f"calibrated-sampling {args.command}: error: {error}", file=sys.stderr)
         return 2
     finally:

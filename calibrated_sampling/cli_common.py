@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -110,6 +111,42 @@ def check_counts(args, names: tuple[str, ...]) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, but is {value!r}")
+
+
+def check_seed(args) -> None:
+    """For commands whose seeding refuses a negative seed (numpy's generators, the label settings): named
+    now rather than by numpy's "expected non-negative integer", or after the model loads."""
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be 0 or more, but is {args.seed}")
+
+
+def check_out(args, kind: str = "folder") -> None:
+    """Refuse an ``--out`` that cannot be written before any model work: a folder that is a file, a file
+    that is a folder, or either inside a file. Found at the end, it would cost the run's results."""
+    if not getattr(args, "out", None):
+        return
+    path = Path(args.out)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"`--out` must be a folder, but {args.out!r} is a file")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"`--out` must name a file, but {args.out!r} is a folder")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"`--out` {args.out!r} lies inside {str(parent)!r}, which is a file, not a folder")
+
+
+def check_training_args(args) -> None:
+    """train-head and train-value: every number checked before the model loads and the label rows are
+    read (a NaN or infinite learning rate would otherwise train to NaN weights without a word)."""
+    check_counts(args, ("epochs", "batch_size", "mlp_hidden", "mlp_layers", "max_horizon", "rank", "td_n"))
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"`--lr` must be a positive finite number, but is {args.lr!r}")
+    for name in ("val_fraction", "td_lambda", "train_fraction"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 1:  # NaN too
+            raise ValueError(f"`--{name.replace('_', '-')}` must be in [0, 1], but is {value!r}")
+    if getattr(args, "train_fraction", None) == 0:
+        raise ValueError("`--train-fraction` must be above 0 (it is the share trained on), but is 0.0")
 
 
 def number(text: str, flag: str) -> float:

@@ -19,8 +19,8 @@ def cmd_train_value(args) -> int:
     from .models import load_model
     from .value_train import train_value_head
 
-    if args.epochs < 1:
-        raise ValueError(f"`--epochs` must be a positive integer, but is {args.epochs}")
+    common.check_training_args(args)
+    common.check_out(args)
     folders = [part for part in args.labels.split(",") if part]
     if not folders:
         raise ValueError(f"`--labels` names no label folder: {args.labels!r}")
@@ -40,16 +40,19 @@ def cmd_train_value(args) -> int:
 def cmd_lookahead_fit(args) -> int:
     from .data import load_documents, make_windows
     from .lookahead_fit import fit_and_judge_alpha
-    from .lookahead_value_fit import spec_source
+    from .lookahead_value_fit import check_source, spec_source
     from .models import load_model
 
     for flag, value in (("--fit-prompts", args.fit_prompts), ("--eval-prompts", args.eval_prompts),
                         ("--max-new-tokens", args.max_new_tokens), ("--top", args.top), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"`{flag}` must be a positive integer, but is {value}")
+    common.check_out(args, "file")  # found only when the fit is done, it would cost the fit
+    if args.source is not None:
+        check_source(args.source, "--source")
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    source = None if args.source is None else spec_source(args.source, model)  # checked before any model work
+    source = None if args.source is None else spec_source(args.source, model)
     docs = load_documents(args.data)
     windows = {side: make_windows(docs, tokenizer, count, args.prompt_tokens, args.max_new_tokens, split=side)
                for side, count in (("fit", args.fit_prompts), ("eval", args.eval_prompts))}
@@ -71,6 +74,7 @@ def cmd_lookahead_fit(args) -> int:
 
 def cmd_judge(args) -> int:
     from .judge import judge_sources
+    from .lookahead_value_fit import check_source
     from .models import load_model
 
     folders = [part for part in args.labels.split(",") if part]
@@ -78,6 +82,9 @@ def cmd_judge(args) -> int:
         raise ValueError(f"`--labels` names no label folder: {args.labels!r}")
     if not args.source:
         raise ValueError("`--source` is missing: give at least one F spec to judge")
+    common.check_out(args, "file")
+    for spec in args.source:
+        check_source(spec, "--source")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     report = []
     for folder in folders:

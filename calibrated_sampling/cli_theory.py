@@ -20,7 +20,13 @@ def cmd_theory(args) -> int:
     from .theory import format_theory_table, theory_table
 
     exponents = common.numbers(args.exponents, "--exponents")
-    ms = None if args.ms is None else [int(m) for m in common.numbers(args.ms, "--ms")]
+    ms = None if args.ms is None else common.numbers(args.ms, "--ms")
+    if ms is not None:
+        if any(m != int(m) for m in ms):  # int() would quietly make 1.5 a 1
+            raise ValueError(f"`--ms` must hold whole numbers of tokens, but is {args.ms!r}")
+        ms = [int(m) for m in ms]
+    common.check_seed(args)
+    common.check_out(args)
     rows = theory_table(exponents, ms, vocab_size=args.vocab_size, trials=args.trials, seed=args.seed)
     print(format_theory_table(rows))
     if args.out:
@@ -38,6 +44,9 @@ def cmd_corpus_exponent(args) -> int:
     docs = load_documents(args.data)
     if args.split != "all":
         docs = [d for d in docs if split_of(d.key) == args.split]
+        if not docs:
+            raise ValueError(f"`--data` {args.data!r} has no documents on the {args.split!r} side of the split: "
+                             "give more documents, or `--split all`")
     r = corpus_exponent((d.text for d in docs), top=args.top)
     beta = round(r["beta"], 3) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0, so it prints +0.000
     print(f"{args.data} ({len(docs)} documents, split {args.split}): a = {r['a']:.3f}, "
@@ -61,7 +70,7 @@ def _slug(name: str) -> str:
 def cmd_scaling(args) -> int:
     from .data import load_documents, make_windows
     from .measure import measure
-    from .models import load_model
+    from .models import check_model_name, load_model
     from .report import write_results
     from .theory import fit_entce_scaling, plot_scaling
 
@@ -72,6 +81,12 @@ def cmd_scaling(args) -> int:
     if params is not None and len(params) != len(models):
         raise ValueError(f"`--params` must give one size per model in `--models`, but --params has {len(params)} "
                          f"({args.params!r}) and --models has {len(models)} ({args.models!r})")
+    if params is not None and not all(size > 0 for size in params):  # a log-log fit, found after every run
+        raise ValueError(f"`--params` must hold positive sizes, but is {args.params!r}")
+    for name in models:  # a missing folder or file fails now, not after the models before it are measured
+        check_model_name(name)
+    common.check_counts(args, ("num_prompts", "prompt_tokens", "max_new_tokens", "batch_size"))
+    common.check_out(args)
     state = common.distributed()
     if state is not None and args.device_map:
         raise ValueError(f"`--device-map` {args.device_map!r} spreads one model over the GPUs; with "

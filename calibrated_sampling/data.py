@@ -146,6 +146,8 @@ def load_documents(spec: str, chunk_chars: int = CHUNK_CHARS) -> list[Document]:
         return _stdlib_code_documents()
     if spec in DATASETS:
         return _dataset_documents(spec)
+    if not spec.strip():  # Path("") is the working directory: every text file under it would be read
+        raise ValueError(f"`data` must name a corpus, file, folder or glob, but is {spec!r}")
     path = Path(spec).expanduser()
     if path.is_file():
         return _file_documents([path], chunk_chars)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .data import Window, batch_windows, left_padded_positions
-from .files import write_atomic
+from .files import read_json, write_atomic
 from .models import model_fingerprint, weights_digest
 
 FORMAT = "calibrated-sampling-labels"
@@ -59,8 +59,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a label folder: it has no {MANIFEST}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    manifest = read_json(path, "label manifest")  # a damaged one is named, not a bare JSONDecodeError
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a calibrated-sampling label manifest")
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has label format version {manifest.get('version')}, this library reads "

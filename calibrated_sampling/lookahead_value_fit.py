@@ -72,9 +72,28 @@ def head_source(spec: str, model: PreTrainedModel) -> HeadCandidates:
     return HeadCandidates(model, head, options["top"], options["horizon"])
 
 
+def check_source(spec: str, name: str = "spec") -> None:
+    """Check an F source spec as far as it goes without the model (its kind, options, and the files of its
+    head or value folder), so that a command refuses it before loading the model; ``name``: the argument."""
+    kind = spec.partition(":")[0].strip()
+    if kind == "lookahead":
+        if parse_lookahead(spec)["temperature"] != 1:  # F is the entropy under p: a temperature would be lost
+            raise ValueError(f"`{name}` {spec!r} sets a temperature, which an F source does not take: drop it")
+    elif kind in ("head", "lookahead-value"):
+        folder = parse_options(spec, HEAD_OPTIONS)[0] if kind == "head" else parse_lookahead_value(spec)[0]
+        if not folder:
+            raise ValueError(f"`{name}` {spec!r} names no folder: use {kind}:DIR:alpha=fit")
+        head_files_digest(folder)  # a missing folder, config.json or weights file is named here
+    elif kind == "lookahead2":
+        parse_lookahead2(spec)
+    else:
+        raise ValueError(f"`{name}` must be a lookahead:, lookahead-value:, lookahead2: or head: spec, but is {spec!r}")
+
+
 def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:
     """The F source of a ``lookahead:``, ``lookahead-value:``, ``lookahead2:`` or ``head:`` spec (its alpha
     is ignored)."""
+    check_source(spec)
     kind = spec.partition(":")[0].strip()
     if kind == "head":
         return head_source(spec, model)
@@ -83,10 +102,8 @@ def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:
     if kind == "lookahead-value":
         folder, options = parse_lookahead_value(spec)
         return ValueLookahead(model, StateValueHead.from_pretrained(folder, model), options["top"], options["horizon"])
-    if kind == "lookahead2":
-        options = parse_lookahead2(spec)
-        return TwoStepLookahead(model, options["top"], options["top2"])
-    raise ValueError(f"`spec` must be a lookahead:, lookahead-value:, lookahead2: or head: spec, but is {spec!r}")
+    options = parse_lookahead2(spec)
+    return TwoStepLookahead(model, options["top"], options["top2"])
 
 
 def with_alpha(spec: str, alpha: float) -> str:

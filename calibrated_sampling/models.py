@@ -104,8 +104,43 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         (tmp / _MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
+def check_model_name(name_or_path: str) -> None:
+    """Refuse a model name that can only fail, without loading or converting anything: a missing path or
+    .gguf file, a file or folder that is not a model. Aliases and hub ids pass."""
+    if name_or_path in ALIASES:
+        return
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"`model` is a .gguf path that does not exist: {name_or_path!r}")
+    elif path.is_file():
+        raise ValueError(f"`model` {name_or_path!r} is a file, but must be a model folder, a .gguf file, an alias "
+                         f"({', '.join(ALIASES)}) or a hub id")
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"`model` directory {name_or_path!r} has no config.json")
+    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"`model` path does not exist: {name_or_path!r}")
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this machine does not have before the weights load (torch's own error is an
+    AssertionError deep in ``model.to``)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device` must be cpu, cuda, cuda:N or mps, but is {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"`device` is {device!r}, but this machine has {count} CUDA GPU(s)")
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, dict]:
     """Map a model name to (path or hub id, extra from_pretrained kwargs), converting GGUF once."""
+    check_model_name(name_or_path)
     if name_or_path in ALIASES:
         alias = ALIASES[name_or_path]
         folder = cache_dir() / "models" / name_or_path
@@ -114,19 +149,13 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict]:
         return str(folder), {}
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"`model` is a .gguf path that does not exist: {name_or_path!r}")
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         folder = cache_dir() / "models" / f"{path.stem}-{digest}"
         if not _cache_is_valid(folder):
             _convert_gguf(path, folder)
         return str(folder), {}
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"`model` directory {name_or_path!r} has no config.json")
         return str(path), {}
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"`model` path does not exist: {name_or_path!r}")
     return name_or_path, {}  # a hub id: works for users with a network or a populated HF cache
 
 
@@ -149,6 +178,7 @@ def load_model(
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, but is {dtype!r}")
         dtype = DTYPES[dtype]
+    check_device(device)
     path, kwargs = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

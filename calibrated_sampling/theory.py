@@ -66,6 +66,8 @@ def _check_setting(a: float, ms: np.ndarray, vocab_size: int) -> None:
 def default_ms(vocab_size: int, n: int = 8, smallest: int = 1000) -> list[int]:
     """n sample sizes spaced evenly in log from ``smallest`` (enough tokens near count 1 for the
     asymptote) to vocab_size // 3; small vocabularies start at vocab_size // 300 instead."""
+    if vocab_size < 3:  # before np.geomspace meets a 0 or a negative end
+        raise ValueError(f"`vocab_size` must be at least 3, but is {vocab_size}")
     if vocab_size // 3 <= smallest:
         smallest = max(1, vocab_size // 300)
     return sorted({int(m) for m in np.geomspace(smallest, vocab_size // 3, n).round()})

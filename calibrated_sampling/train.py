@@ -182,13 +182,24 @@ def _start_or_resume(root: Path, settings: dict, head: FutureEntropyHead, rows: 
             head.set_rate(rows["target"].double().sum().item() / max(1, rows["horizon"].sum().item()))
         return _RunState()
     folder = _step_dir(root, max(done))
-    state = json.loads((folder / "state.json").read_text())
+    state = _read_checkpoint(folder, "state.json", lambda path: json.loads(path.read_text()))
     if state["settings"] != settings:
         diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
         raise ValueError(f"{folder} was made with other training settings ({', '.join(diff)}); "
                          "use another out_dir, resume=False, or the same settings")
-    head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    head.load_state_dict(_read_checkpoint(folder, "head.safetensors", lambda path: load_file(str(path))))
     return _RunState(state["step"], state["history"], state["running"], state.get("seconds", 0.0), max(done))
+
+
+def _read_checkpoint(folder: Path, name: str, read: Callable[[Path], object]):
+    """``read(folder / name)``, with a damaged file named: the checkpoint before it (when one is kept) is
+    intact, so deleting this one resumes from there rather than from the start."""
+    try:
+        return read(folder / name)
+    except Exception as error:  # JSON, safetensors and torch.load each raise their own kinds
+        raise ValueError(f"checkpoint {folder} is damaged: {name} cannot be read ({type(error).__name__}: "
+                         f"{error}); delete that folder to resume from the checkpoint before it (if one is left), or "
+                         "start over (resume=False, --restart)") from None
 
 
 def _optimizer(head: FutureEntropyHead, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -259,6 +270,8 @@ def train_head(
                         ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, but is {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):  # inf or NaN: NaN weights, silently
+        raise ValueError(f"`lr` must be a positive finite number, but is {lr!r}")
     if isinstance(rows, (str, os.PathLike)) and not head.config.label_settings:
         from .label_store import read_manifest  # a label folder records how its labels were made
 
@@ -285,7 +298,8 @@ def train_head(
     # 2. The optimizer, prepared by accelerate (with the checkpoint's state on a resume).
     model, optimizer = accelerator.prepare(head, _optimizer(head, lr, weight_decay))
     if run.resumed_from is not None:
-        saved = torch.load(_step_dir(root, run.resumed_from) / "optimizer.pt", weights_only=True)
+        saved = _read_checkpoint(_step_dir(root, run.resumed_from), "optimizer.pt",
+                                 lambda path: torch.load(path, weights_only=True))
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
     baseline = fit_baseline(rows) if val_rows is not None and "context_entropy" in rows else None

@@ -4,11 +4,13 @@ counts, journal lines of the wrong shape, files that are not text, scores of ano
 from __future__ import annotations
 
 import importlib
+import math
 import random
+import re
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, make_tokenizer
 from test_calibrator import make_head
 from test_compare import random_windows
 from test_measure import _cli_measure_args
@@ -150,3 +152,185 @@ def test_scores_of_another_vocabulary_get_a_named_error(tiny):
     lookahead = LookaheadProcessor(model, 0.1, top=2)
     with pytest.raises(ValueError, match="`scores` has 100 columns, but the lookahead's model has a vocabulary of 99"):
         lookahead(ids, torch.zeros(1, 100))
+
+
+# --- outputs, devices and model names: refused before the model loads ------------------------------------
+
+def _no_model(tmp_path) -> str:
+    return str(tmp_path / "missing-model")  # were the check late, the error would name the model instead
+
+
+@pytest.mark.parametrize("command, kind", [
+    (["measure", "--samplers", "base"], "folder"), (["compare"], "folder"),
+    (["label", "--kind", "returns"], "folder"), (["train-head", "--labels", "x"], "folder"),
+    (["train-value", "--labels", "x"], "folder"), (["theory"], "folder"),
+    (["fit"], "file"), (["lookahead-fit"], "file"), (["judge", "--labels", "x", "--source", "lookahead:fit"], "file"),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, command, kind):
+    (tmp_path / "file.txt").write_text("someone's notes")
+    (tmp_path / "folder.json").mkdir()
+    model = [] if command[0] == "theory" else ["--model", _no_model(tmp_path)]
+    wrong = {"folder": ("file.txt", "must be a folder, but"), "file": ("folder.json", "must name a file, but")}[kind]
+    assert main([*command, *model, "--out", str(tmp_path / wrong[0])]) == 2
+    assert f"`--out` {wrong[1]} {str(tmp_path / wrong[0])!r} is a" in capsys.readouterr().err
+    assert main([*command, *model, "--out", str(tmp_path / "file.txt" / "inner.json")]) == 2
+    assert "lies inside" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "someone's notes"
+
+
+def test_fit_and_scaling_refuse_their_out_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file.txt").write_text("notes")
+    head = tmp_path / "head"
+    head.mkdir()
+    code = main(["fit", "--model", _no_model(tmp_path), "--objective", "log-loss", "--head", str(head),
+                 "--out", str(tmp_path / "file.txt")])  # the copy of the head would have failed after the fit
+    assert code == 2 and "`--out` must be a folder" in capsys.readouterr().err
+    # scaling: every model named checked before the first is measured, and the sizes too
+    models_module = importlib.import_module("calibrated_sampling.models")
+    loaded = []
+    monkeypatch.setattr(models_module, "load_model", lambda name, **k: loaded.append(name))
+    (tmp_path / "m1").mkdir()
+    (tmp_path / "m1" / "config.json").write_text("{}")
+    both = ["scaling", "--models", f"{tmp_path / 'm1'},{tmp_path / 'm2'}"]
+    assert main([*both, "--out", str(tmp_path / "s")]) == 2
+    assert "`model` path does not exist" in capsys.readouterr().err and loaded == []
+    two = ["scaling", "--models", f"{tmp_path / 'm1'},{tmp_path / 'm1'}"]
+    assert main([*two, "--params", "135M,-1", "--out", str(tmp_path / "s")]) == 2
+    assert "`--params` must hold positive sizes, but is '135M,-1'" in capsys.readouterr().err
+    assert main([*two, "--out", str(tmp_path / "file.txt")]) == 2
+    assert "`--out` must be a folder" in capsys.readouterr().err and loaded == []
+
+
+def test_a_device_the_machine_lacks_and_a_model_that_is_a_file_are_named(tmp_path, capsys):
+    for device, message in (("cuda:99", "`device` is 'cuda:99', but this machine has"),
+                            ("gpu", "`device` must be cpu, cuda, cuda:N or mps, but is 'gpu'")):
+        code = main(["measure", "--model", _no_model(tmp_path), "--device", device, "--samplers", "base",
+                     "--out", str(tmp_path / "o")])  # torch's own: an AssertionError traceback after the weights load
+        assert code == 2 and message in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a model")
+    code = main(["measure", "--model", str(tmp_path / "notes.txt"), "--samplers", "base", "--out", str(tmp_path / "o")])
+    assert code == 2 and "`model` " + repr(str(tmp_path / "notes.txt")) + " is a file" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_id_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    models_module = importlib.import_module("calibrated_sampling.models")
+
+    def offline(name, **kwargs):
+        raise OSError(f"`model` {name!r} is not a built-in alias, an existing path, or a hub id that can be reached")
+
+    monkeypatch.setattr(models_module, "load_model", offline)
+    code = main(["measure", "--model", "someone/model", "--samplers", "base", "--out", str(tmp_path / "o")])
+    assert code == 2 and "error: `model` 'someone/model' is not" in capsys.readouterr().err
+
+
+def test_an_empty_data_spec_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unrelated.txt").write_text("Some prose.\n\nMore prose.")
+    for spec in ("", "  "):
+        with pytest.raises(ValueError, match=f"`data` must name a corpus, file, folder or glob, but is {spec!r}"):
+            load_documents(spec)
+
+
+def test_generate_refuses_a_prompt_of_no_tokens(tmp_path, capsys):
+    from test_calibrator import SCHEDULE
+
+    from calibrated_sampling.models import load_model
+
+    make_model().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    model, tok = load_model(str(tmp_path / "model"), device="cpu")
+    make_head(model, tok, calibration=SCHEDULE).save_pretrained(tmp_path / "head")
+    code = main(["generate", "--model", str(tmp_path / "model"), "--device", "cpu", "--head", str(tmp_path / "head"),
+                 "--prompt", ""])  # was a RuntimeError traceback from inside the model
+    assert code == 2 and "`--prompt` '' has no tokens for this tokenizer" in capsys.readouterr().err
+
+
+# --- training flags, damaged label manifests and checkpoints ---------------------------------------------
+
+@pytest.mark.parametrize("command", ["train-head", "train-value"])
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "`--lr` must be a positive finite number, but is nan"),
+    ("--lr", "inf", "`--lr` must be a positive finite number, but is inf"),  # train-value ran on it, to NaN weights
+    ("--lr", "0", "`--lr` must be a positive finite number, but is 0.0"),
+    ("--td-lambda", "2", "`--td-lambda` must be in [0, 1], but is 2.0"),  # named `lam` after the model loaded
+    ("--val-fraction", "nan", "`--val-fraction` must be in [0, 1], but is nan"),
+    ("--batch-size", "0", "`--batch-size` must be at least 1, but is 0"),
+    ("--td-n", "0", "`--td-n` must be at least 1, but is 0"),
+])
+def test_training_flags_are_checked_before_the_model_loads(tmp_path, capsys, command, flag, value, message):
+    code = main([command, "--model", _no_model(tmp_path), "--labels", str(tmp_path / "labels"), flag, value,
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_label_manifest_is_named(tmp_path):
+    from calibrated_sampling.label_store import MANIFEST, read_manifest
+
+    (tmp_path / MANIFEST).write_text('{"format": "calibrated-sam')
+    with pytest.raises(ValueError, match=f"{MANIFEST} is not valid JSON"):  # was a bare "Unterminated string"
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("[]")
+    with pytest.raises(ValueError, match="is not a calibrated-sampling label manifest"):
+        read_manifest(tmp_path)
+
+
+def test_a_head_source_of_a_missing_folder_is_named(tmp_path):
+    from calibrated_sampling.lookahead_value_fit import spec_source
+
+    with pytest.raises(FileNotFoundError, match="head folder .*no-such-head has no config.json"):
+        spec_source(f"head:{tmp_path / 'no-such-head'}:alpha=fit:top=2", make_model())
+
+
+@pytest.mark.parametrize("source, message", [
+    ("lookahed:alpha=fit", "`--source` must be a lookahead:, lookahead-value:, lookahead2: or head: spec"),
+    ("lookahead:alpha=fit:temperature=0.9", "takes no temperature"),
+    ("lookahead2:alpha=fit:top3=2", "unknown term 'top3=2'"),
+    ("head:MISSING:alpha=fit", "head folder .*missing has no config.json"),
+    ("lookahead-value:MISSING:alpha=fit", "missing has no config.json"),
+])
+def test_lookahead_fit_and_judge_check_their_source_before_the_model_loads(tmp_path, capsys, source, message):
+    source = source.replace("MISSING", str(tmp_path / "missing"))
+    for command in (["lookahead-fit", "--source", source], ["judge", "--labels", "x", "--source", source]):
+        assert main([*command, "--model", _no_model(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "missing-model" not in err, err
+
+
+@pytest.mark.parametrize("name", ["state.json", "head.safetensors", "optimizer.pt"])
+def test_a_damaged_checkpoint_is_named_not_used(tmp_path, name):
+    from test_train import make_head as make_train_head
+    from test_train import synthetic_rows
+
+    from calibrated_sampling.train import train_head
+
+    model = make_model()
+    rows = synthetic_rows(model, contexts=4)
+    settings = dict(epochs=1, batch_size=8, lr=1e-3, checkpoint_every=2, progress=False, out_dir=tmp_path)
+    train_head(make_train_head(model), rows, **settings)
+    newest = max((tmp_path / "checkpoints").iterdir())
+    damaged = newest / name
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"checkpoint .*{newest.name} is damaged: {name} cannot be read"):
+        train_head(make_train_head(model), rows, **settings)
+    with pytest.raises(ValueError, match="`lr` must be a positive finite number, but is inf"):
+        train_head(make_train_head(model), rows, **{**settings, "lr": math.inf})
+
+
+def test_theory_and_corpus_exponent_name_their_flags(tmp_path, capsys):
+    from calibrated_sampling.data import split_of
+
+    for vocab in ("0", "-5"):  # were "Geometric sequence cannot include zero" and a NaN cast
+        assert main(["theory", "--vocab-size", vocab]) == 2
+        assert f"`vocab_size` must be at least 3, but is {vocab}" in capsys.readouterr().err
+    assert main(["theory", "--ms", "1.5,20", "--vocab-size", "1000", "--trials", "2"]) == 2  # 1.5 ran as 1
+    assert "`--ms` must hold whole numbers of tokens, but is '1.5,20'" in capsys.readouterr().err
+    assert main(["theory", "--seed", "-1"]) == 2  # was numpy's "expected non-negative integer"
+    assert "`--seed` must be 0 or more, but is -1" in capsys.readouterr().err
+    code = main(["label", "--model", _no_model(tmp_path), "--kind", "returns", "--seed", "-1", "--out", str(tmp_path)])
+    assert code == 2 and "`--seed` must be 0 or more, but is -1" in capsys.readouterr().err  # before the model
+    text = tmp_path / "one.txt"
+    text.write_text("Some prose about the weather and other things.")
+    other = {"fit": "eval", "eval": "fit"}[split_of(load_documents(str(text))[0].key)]
+    assert main(["corpus-exponent", "--data", str(text), "--split", other]) == 2
+    assert f"has no documents on the {other!r} side of the split" in capsys.readouterr().err

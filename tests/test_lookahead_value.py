@@ -224,7 +224,7 @@ def test_head_source_is_the_heads_f_on_the_teacher_forced_hidden_states(tiny, tm
         source(ids, out.logits[:, -1])
     with pytest.raises(ValueError, match="pins head files sha256"):
         spec_source(f"head:{tmp_path / 'h'}:alpha=fit:sha256=0123456789abcdef", model)
-    with pytest.raises(ValueError, match="names no head folder"):
+    with pytest.raises(ValueError, match="names no folder"):
         spec_source("head:alpha=fit", model)
     with pytest.raises(ValueError, match=r"`vocab_size`: head 99, model 120"):
         spec_source(f"head:{tmp_path / 'h'}:alpha=fit", make_model(vocab=120))
