@@ -10,6 +10,10 @@
 #     (then the same with FITS="head temperature": the journal resumes, only the new schedule is measured)
 #   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
 #     TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973 training/smollm2-135m/entropy_schedules.sh
+#   (the exact one-step lookahead at EntCE 0: alpha from results/lookahead-fit/pydoc-onestep.json, its temperature
+#    bracketing EntCE 0; the journal measures only the new samplers:
+#    ... TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973,\
+#    lookahead:alpha=0.1005:top=16:temperature=0.92,lookahead:alpha=0.1005:top=16:temperature=0.93 ...)
 #   MODEL=gemma3-270m DATA=pydoc T=128 NAME=pydoc-128 FIT_PROMPTS=24 PROMPTS=32 FITS=temperature \
 #     OUT=results/schedules-gemma3-270m-pydoc-128 \
 #     TEMPERATURE=temperature=0.96,min_p=0.000002,min_p=0.00001,min_p=0.00005,min_p=0.0002 \

@@ -16,20 +16,22 @@ import argparse
 import json
 from pathlib import Path
 
-from calibrated_sampling.compare import measured_matches
+from calibrated_sampling.compare import TEMPERED, measured_matches
 from calibrated_sampling.files import write_atomic
+from calibrated_sampling.lookahead import parse_lookahead
 
 # (short name, model and text, folder under --results): the order of the README's headline
 SETTINGS = (
     ("pydoc 256", "SmolLM2-135M on pydoc", "schedules-pydoc-256"),
-    ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512"),
+    ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512-128"),
     ("pydoc 128", "SmolLM2-135M on pydoc", "schedules-pydoc-128"),
     ("Gemma pydoc 128", "Gemma-3-270M on pydoc", "schedules-gemma3-270m-pydoc-128"),
 )
 # a schedule's F kind (its file's "future") -> the row's name, formatted with the file's "future" entry
 SCHEDULE_NAMES = {"none": "per-step temperature schedule", "head": "the head's schedule (F: shipped head)",
                   "lookahead": "the lookahead's schedule (F: exact one-step, top {top})"}
-RANK = ("temperature", "min_p", *SCHEDULE_NAMES)  # the rows' order: matched knobs, then schedules by F kind
+# the rows' order: matched knobs, a method with its own temperature, then schedules by F kind
+RANK = ("temperature", "min_p", TEMPERED, *SCHEDULE_NAMES)
 HEADER = ("setting", "method at EntCE = 0", "EntCE ± s.e.", "Δ log loss vs temperature ± paired s.e.", "distinct-2",
           "seq-rep-4", "max bin \\|EntCE\\| (64 steps)", "s / token")
 
@@ -39,13 +41,18 @@ def matched_setting(knob: str, matches: dict) -> str:
     as `measure` read them (:func:`measured_matches`)."""
     entry = matches[knob]
     (lo, hi), x = entry["bracket"], entry["value_at_zero"]
-    return f"{knob.replace('_', '-')} {lo['value']:.4g} / {hi['value']:.4g}, interpolated (≈ {x:.3g})"
+    name = knob.replace("_", "-")
+    if knob.endswith(TEMPERED):  # lookahead:alpha=A:top=C + temperature
+        options = parse_lookahead(knob.removesuffix(TEMPERED))
+        name = f"lookahead (F: exact one-step, alpha {options['alpha']:.4g}, top {options['top']}) + temperature"
+    return f"{name} {lo['value']:.4g} / {hi['value']:.4g}, interpolated (≈ {x:.3g})"
 
 
 def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
     """(rank in the table, readable name): the matched knob's bracket, or the schedule's F read from its file."""
     if row["kind"] == "matched":
-        return RANK.index(spec) if spec in RANK else len(RANK), matched_setting(spec, matches)
+        rank = RANK.index(TEMPERED) if spec.endswith(TEMPERED) else RANK.index(spec) if spec in RANK else len(RANK)
+        return rank, matched_setting(spec, matches)
     path = Path(spec.removeprefix("schedule:"))
     try:
         future = json.loads(path.read_text())["future"]
