@@ -411,11 +411,16 @@ FUSED = {"auto": None, "1": True, "true": True, "yes": True, "0": False, "false"
 FUSED_TEXT = {None: "auto", True: "1", False: "0"}
 
 
-def head_files_digest(head_dir: str | os.PathLike) -> str:
-    """sha256 (16 hex digits) of a head folder's config and weights: what a calibrated key pins."""
+def require_head_files(head_dir: str | os.PathLike) -> None:
+    """Refuse a head (or value) folder without its config or weights file, naming the one missing."""
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not Path(head_dir, name).is_file():
             raise FileNotFoundError(f"head folder {head_dir} has no {name}")
+
+
+def head_files_digest(head_dir: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of a head folder's config and weights: what a calibrated key pins."""
+    require_head_files(head_dir)
     files = b"".join(Path(head_dir, name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME))
     return hashlib.sha256(files).hexdigest()[:16]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .calibrator import head_files_digest
+from .calibrator import head_files_digest, require_head_files
 from .data import Window
 from .heads import FutureEntropyHead
 from .lookahead import DEFAULT_TOP, LookaheadEntropy, parse_lookahead
@@ -83,7 +83,7 @@ def check_source(spec: str, name: str = "spec") -> None:
         folder = parse_options(spec, HEAD_OPTIONS)[0] if kind == "head" else parse_lookahead_value(spec)[0]
         if not folder:
             raise ValueError(f"`{name}` {spec!r} names no folder: use {kind}:DIR:alpha=fit")
-        head_files_digest(folder)  # a missing folder, config.json or weights file is named here
+        require_head_files(folder)  # a missing folder, config.json or weights file (not hashed: they load later)
     elif kind == "lookahead2":
         parse_lookahead2(spec)
     else:

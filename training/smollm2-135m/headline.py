@@ -51,8 +51,8 @@ def matched_setting(knob: str, matches: dict) -> str:
 def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
     """(rank in the table, readable name): the matched knob's bracket, or the schedule's F read from its file."""
     if row["kind"] == "matched":
-        rank = RANK.index(TEMPERED) if spec.endswith(TEMPERED) else RANK.index(spec) if spec in RANK else len(RANK)
-        return rank, matched_setting(spec, matches)
+        kind = TEMPERED if spec.endswith(TEMPERED) else spec  # every tempered method ranks as one kind
+        return RANK.index(kind) if kind in RANK else len(RANK), matched_setting(spec, matches)
     path = Path(spec.removeprefix("schedule:"))
     try:
         future = json.loads(path.read_text())["future"]
