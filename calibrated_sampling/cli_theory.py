@@ -39,7 +39,7 @@ def cmd_theory(args) -> int:
 
 def cmd_corpus_exponent(args) -> int:
     from .data import load_documents, split_of
-    from .theory import corpus_exponent
+    from .theory import corpus_exponent, words
 
     docs = load_documents(args.data)
     if args.split != "all":
@@ -47,7 +47,10 @@ def cmd_corpus_exponent(args) -> int:
         if not docs:
             raise ValueError(f"`--data` {args.data!r} has no documents on the {args.split!r} side of the split: "
                              "give more documents, or `--split all`")
-    r = corpus_exponent((d.text for d in docs), top=args.top)
+    texts = [d.text for d in docs]
+    if len({word for text in texts for word in words(text)}) < 2:  # named by the flag, not the function's argument
+        raise ValueError(f"`--data` {args.data!r} must contain at least two distinct words to fit a slope")
+    r = corpus_exponent(texts, top=args.top)
     beta = round(r["beta"], 3) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0, so it prints +0.000
     print(f"{args.data} ({len(docs)} documents, split {args.split}): a = {r['a']:.3f}, "
           f"beta = 1/a - 1 = {beta:+.3f} (fit over the top {r['top']:,} words, r2 = {r['r2']:.3f}); "

@@ -3,8 +3,8 @@ report.md and plots are written by :func:`.report.write_comparison`).
 
 ``run_comparison`` measures ``base``, grids of temperature, top-p, top-k, min-p, typical, eta and epsilon,
 the one-step lookahead (alpha fitted on the fit split) and calibrated heads with a sweep of their
-scale, and schedule files (``fit --out FILE``). For temperature, top-p, min-p and each head's scale it
-then searches a bracket of EntCE = 0 (EntCE is monotone in each knob: a bracketing secant search, one
+scale, and schedule files (``fit --out FILE``). For temperature, top-p, min-p, each head's scale and the
+lookahead's own temperature (``lookahead:alpha=A:top=C:temperature=T``, alpha as fitted) it then searches a bracket of EntCE = 0 (EntCE is monotone in each knob: a bracketing secant search, one
 ``measure`` call per step) until both its ends are within their standard errors of 0, and reads log
 loss, diversity and the per-prompt values linearly in EntCE between them, so that every method, the
 schedules included, is compared with temperature at equal EntCE (:func:`equal_entropy`).
@@ -582,6 +582,10 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
         name = f"calibrated {Path(head).name} scale"
         matched[name] = runner.matched(name, lambda v, head=head: f"calibrated:{head}:scale={v:g}", dict(sweep),
                                        SCALE_RANGE, preset.search_iterations, preset.tolerance)
+    if lookahead is not None:  # the lookahead with a temperature of its own, read at EntCE = 0 as temperature is
+        name, points = tempered_lookahead_start(lookahead["spec"], matched["temperature"])
+        matched[name] = runner.matched(name, lambda v: f"{lookahead['spec']}:temperature={v:g}", points,
+                                       KNOBS["temperature"][1], preset.search_iterations, preset.tolerance)
 
     mauve_info = None
     if mauve_available():
@@ -593,6 +597,18 @@ def run_comparison(model: PreTrainedModel, tokenizer, windows: list[Window], fit
         notes.append("no EntCE = 0 bracket for temperature: the equal-entropy table has no log-loss differences")
     return {"samplers": runner.results, "matched": matched, "equal_entropy": equal, "lookahead": lookahead,
             "mauve": mauve_info, "notes": notes, "preset": asdict(preset)}
+
+
+def tempered_lookahead_start(spec: str, temperature: dict) -> tuple[str, dict[float, str]]:
+    """The :data:`TEMPERED` family of the lookahead ``spec`` and the first points of its temperature's search:
+    the lookahead itself (T = 1) and the temperature at which temperature alone met EntCE = 0 (``temperature``:
+    its matched entry). An F of positive weight removes entropy on top of the temperature's, so that pair
+    usually brackets the lookahead's EntCE = 0 and the search starts inside it."""
+    points = {1.0: spec}
+    start = round(temperature.get("value_at_zero") or temperature["value"], 4)
+    if start != 1.0:
+        points[start] = f"{spec}:temperature={start:g}"
+    return lookahead_key({**parse_lookahead(spec), "temperature": 1.0}) + TEMPERED, points
 
 
 def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windows: list[Window], batch_size: int,

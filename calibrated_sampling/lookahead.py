@@ -47,6 +47,9 @@ class LookaheadEntropy:
     def __init__(self, model: PreTrainedModel, top: int):
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise ValueError(f"`top` must be a positive integer, but is {top!r}")
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is not None and top > vocab:  # else torch.topk fails mid-generation: "selected index k out of range"
+            raise ValueError(f"`top` {top} is more candidates than the model's vocabulary has ({vocab})")
         self.model, self.top = model, top
         self.reset()
 

@@ -232,7 +232,17 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     assert "Matched entropy" in printed and "frontier_logloss.png" in printed
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert {"model", "data", "settings", "samplers", "matched"} <= set(results)
-    assert set(results["matched"]) == {"temperature", "top_p", "min_p"}
+    # The lookahead's own temperature is searched too, from the lookahead itself (T = 1) and temperature's match.
+    lookahead_knob, = set(results["matched"]) - {"temperature", "top_p", "min_p"}
+    assert lookahead_knob == compare_module.family(results["lookahead"]["spec"] + ":temperature=0.5")[0]
+    tempered = results["matched"][lookahead_knob]
+    history = dict(map(tuple, tempered["history"]))
+    assert history[1.0] == results["samplers"][results["lookahead"]["spec"]]["entce"]
+    temperature = results["matched"]["temperature"]
+    assert round(temperature["value_at_zero"] or temperature["value"], 4) in history
+    for end in tempered["bracket"] or []:
+        assert end["spec"] in results["samplers"]
+    assert lookahead_knob in results["equal_entropy"]["rows"]
     for name in ("base", "temperature=0.9", "top_p=0.95", "top_k=50", "min_p=0.05",
                  "eta=0.0009", "epsilon=0.0003"):
         r = results["samplers"][name]

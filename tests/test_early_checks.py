@@ -334,3 +334,14 @@ def test_theory_and_corpus_exponent_name_their_flags(tmp_path, capsys):
     other = {"fit": "eval", "eval": "fit"}[split_of(load_documents(str(text))[0].key)]
     assert main(["corpus-exponent", "--data", str(text), "--split", other]) == 2
     assert f"has no documents on the {other!r} side of the split" in capsys.readouterr().err
+    one_word = tmp_path / "same.txt"
+    one_word.write_text("tea " * 50)  # was "`texts` must contain ...": an argument the user never typed
+    assert main(["corpus-exponent", "--data", str(one_word), "--split", "all"]) == 2
+    assert f"`--data` {str(one_word)!r} must contain at least two distinct words" in capsys.readouterr().err
+
+
+def test_a_lookahead_of_more_candidates_than_the_vocabulary_is_refused():
+    model = make_model()  # was torch.topk's "selected index k out of range" at the first generated token
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"`top` {vocab + 1} is more candidates than the model's vocabulary"):
+        parse_sampler(f"lookahead:alpha=0.1:top={vocab + 1}", model)
