@@ -33,6 +33,7 @@ from .data import Window, windows_digest
 from .journal import Journal, fingerprint
 from .lookahead import lookahead_key, parse_lookahead
 from .lookahead_fit import fit_lookahead_alpha
+from .lookahead_value import parse_lookahead2, two_step_key
 from .mauve import compute_mauve, mauve_available, text_features
 from .measure import measure
 from .metrics import per_bin_entce, self_bleu
@@ -107,6 +108,8 @@ SCALE_RANGE = (0.0, 4.0)
 # The family suffix of a method with a temperature of its own (``lookahead:alpha=A:top=C:temperature=T``): in a
 # ``measure`` run its temperature is a knob read at EntCE = 0 like temperature's, T = 1 being the method itself.
 TEMPERED = " + temperature"
+# The kinds of method that take a temperature of their own: kind -> (parse a spec's options, their canonical key).
+TEMPERABLE = {"lookahead": (parse_lookahead, lookahead_key), "lookahead2": (parse_lookahead2, two_step_key)}
 
 
 def grid_specs(preset: Preset) -> list[str]:
@@ -478,9 +481,11 @@ def untempered_spec(tempered: str, results: dict[str, dict]) -> str | None:
     """The spec in ``results`` of a :data:`TEMPERED` family's method at temperature 1, however it was spelled
     (``lookahead:alpha=0.1`` for ``lookahead:alpha=0.1:top=16 + temperature``), or None."""
     for spec in results:
-        if spec.partition(":")[0].strip() == "lookahead":
-            options = parse_lookahead(spec)
-            if options["alpha"] != "fit" and lookahead_key(options) + TEMPERED == tempered:
+        kind = spec.partition(":")[0].strip()
+        if kind in TEMPERABLE:
+            parse, key_of = TEMPERABLE[kind]
+            options = parse(spec)
+            if options["alpha"] != "fit" and key_of(options) + TEMPERED == tempered:
                 return spec
     return None
 
@@ -631,17 +636,20 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
 
 def family(key: str) -> tuple[str, float | None]:
     """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
-    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T), ("calibrated NAME", scale); a composition
+    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 alike), ("calibrated NAME", scale); a composition
     of warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
     if sep and kind == "calibrated":
         head_dir, options = parse_calibrated(key)
         return f"calibrated {Path(head_dir).name}", options["scale"]
-    if sep and kind == "lookahead":
-        options = parse_lookahead(key)
+    if sep and kind in TEMPERABLE:
+        parse, key_of = TEMPERABLE[kind]
+        options = parse(key)
         if options["temperature"] != 1:  # a lookahead of fixed alpha and top, its temperature the knob
-            return lookahead_key({**options, "temperature": 1.0}) + TEMPERED, options["temperature"]
-        return "lookahead", None if options["alpha"] == "fit" else options["alpha"]
+            return key_of({**options, "temperature": 1.0}) + TEMPERED, options["temperature"]
+        if kind == "lookahead":
+            return "lookahead", None if options["alpha"] == "fit" else options["alpha"]
+        return key, None
     name, _, value = key.partition("=")
     if name not in WARPERS or "+" in key:
         return key, None

@@ -25,7 +25,8 @@ as the number of one-token extensions since the last context that was not one (a
 restarts at 0); a step past the end is an error.
 
 Specs: ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D]`` (key: every option, and D the
-digest of the value folder's files) and ``lookahead2:alpha=X[:top=C][:top2=C2]``; ``alpha=fit`` needs data
+digest of the value folder's files) and ``lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]`` (T divides
+the log q, as the one-step lookahead's does: the knob that reads it at EntCE = 0); ``alpha=fit`` needs data
 (:func:`.lookahead_value_fit.fit_spec_alpha`).
 """
 
@@ -151,19 +152,20 @@ class FutureLookaheadProcessor(LookaheadProcessor):
         source (`LookaheadEntropy`): the F source (:class:`ValueLookahead`, :class:`TwoStepLookahead`, or the
             plain next-step entropy).
         alpha (`float` or sequence of `float`): one weight, or alpha_t per generation step (module docstring).
+        temperature (`float`, *optional*, defaults to 1): divides the log q (:class:`.LookaheadProcessor`).
 
     >>> processor = FutureLookaheadProcessor(TwoStepLookahead(model, top=4, top2=4), alpha=0.1)  # doctest: +SKIP
     >>> model.generate(ids, do_sample=True, logits_processor=LogitsProcessorList([processor]))  # doctest: +SKIP
     """
 
-    def __init__(self, source: LookaheadEntropy, alpha: float | Sequence[float]):
+    def __init__(self, source: LookaheadEntropy, alpha: float | Sequence[float], temperature: float = 1.0):
         if not isinstance(source, LookaheadEntropy):
             raise ValueError(f"`source` must be a LookaheadEntropy (an F over the top C), but is {source!r}")
         self.alphas = None if isinstance(alpha, (int, float)) else tuple(alpha)
         if self.alphas is not None and (not self.alphas or not all(
                 isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in self.alphas)):
             raise ValueError(f"`alpha` must be a finite number or a non-empty sequence of them, but is {alpha!r}")
-        super().__init__(source.model, alpha if self.alphas is None else self.alphas[0], source.top)
+        super().__init__(source.model, alpha if self.alphas is None else self.alphas[0], source.top, temperature)
         self.lookahead = source
         self.step, self._last = 0, None  # generation step of the latest call, and its input_ids
 
@@ -185,10 +187,12 @@ class FutureLookaheadProcessor(LookaheadProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Specs: lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D], lookahead2:alpha=X[:top=C][:top2=C2]
+# Specs: lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D],
+# lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]
 
 VALUE_OPTIONS = {"alpha": None, "top": DEFAULT_TOP, "horizon": None, "sha256": None}
-TWO_STEP_OPTIONS = {"alpha": None, "top": DEFAULT_TOP2, "top2": DEFAULT_TOP2}
+TWO_STEP_OPTIONS = {"alpha": None, "top": DEFAULT_TOP2, "top2": DEFAULT_TOP2, "temperature": 1.0}
+TWO_STEP_USAGE = "use lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]"
 
 
 def parse_options(spec: str, defaults: dict) -> tuple[str, dict]:
@@ -204,8 +208,10 @@ def parse_options(spec: str, defaults: dict) -> tuple[str, dict]:
         elif name == "alpha" and text == "fit":
             options[name] = "fit"
         else:
-            options[name] = parse_number(spec, name, text, float if name == "alpha" else int)
-            if name != "alpha" and options[name] < 1:
+            options[name] = parse_number(spec, name, text, float if name in ("alpha", "temperature") else int)
+            if name == "temperature" and options[name] <= 0:
+                raise ValueError(f"sampler spec {spec!r}: `temperature` must be above 0, but is {text!r}")
+            if name not in ("alpha", "temperature") and options[name] < 1:
                 raise ValueError(f"sampler spec {spec!r}: `{name}` must be a positive integer, but is {text!r}")
     return rest, options
 
@@ -231,12 +237,22 @@ def parse_lookahead_value(spec: str) -> tuple[str, dict]:
 
 
 def parse_lookahead2(spec: str) -> dict:
-    """The options of a ``lookahead2:alpha=X[:top=C][:top2=C2]`` spec."""
+    """The options of a ``lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]`` spec."""
     rest, options = parse_options(spec, TWO_STEP_OPTIONS)
     if rest:
         term = rest.split(":")[-1]  # options are read from the end: the last one that is none
-        raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; use lookahead2:alpha=X[:top=C][:top2=C2]")
+        raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; {TWO_STEP_USAGE}")
+    if options["alpha"] == "fit" and options["temperature"] != 1:
+        raise ValueError(f"sampler spec {spec!r}: alpha=fit fits alpha to human log loss with q itself, so it takes "
+                         "no temperature: fit alpha first, then set lookahead2:alpha=X:temperature=T")
     return _require_alpha(spec, options)
+
+
+def two_step_key(options: dict) -> str:
+    """The canonical key of parsed lookahead2 options; the temperature spelled out only where it is not 1 (the
+    keys journaled before the option existed still name their measurements)."""
+    key = f"lookahead2:alpha={format_number(options['alpha'])}:top={options['top']}:top2={options['top2']}"
+    return key if options["temperature"] == 1 else f"{key}:temperature={format_number(options['temperature'])}"
 
 
 def value_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
@@ -259,17 +275,17 @@ def value_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
 
 
 def two_step_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
-    """The sampler of a lookahead2 spec; its key spells out alpha, top and top2."""
+    """The sampler of a lookahead2 spec; its key spells out alpha, top and top2 (and T where it is not 1)."""
     options = parse_lookahead2(spec)
     _refuse_fit(spec, options)
     if model is None:
         raise ModelRequired(spec)
-    key = f"lookahead2:alpha={format_number(options['alpha'])}:top={options['top']}:top2={options['top2']}"
-    return _sampler(spec, TwoStepLookahead(model, options["top"], options["top2"]), options["alpha"], key)
+    source = TwoStepLookahead(model, options["top"], options["top2"])
+    return _sampler(spec, source, options["alpha"], two_step_key(options), options["temperature"])
 
 
-def _sampler(spec: str, source: LookaheadEntropy, alpha: float, key: str) -> LookaheadSampler:
-    processor = FutureLookaheadProcessor(source, alpha)
+def _sampler(spec: str, source: LookaheadEntropy, alpha: float, key: str, temperature: float = 1.0) -> LookaheadSampler:
+    processor = FutureLookaheadProcessor(source, alpha, temperature)
     processor.key = key  # a bare processor list still names its q (samplers.processors_key)
     return LookaheadSampler(spec, LogitsProcessorList([processor]), truncating=False, key=key)
 

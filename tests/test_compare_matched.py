@@ -169,6 +169,14 @@ def test_a_lookahead_with_its_own_temperature_is_a_knob_read_at_equal_entropy():
     # Above 0 at 0.93 and at 1 (the spec without a temperature): no bracket there, so 0.92-0.93 is the one.
     del results["lookahead:alpha=0.1:top=16:temperature=0.92"]
     assert family_name not in measured_matches(results)
+    # The two-step lookahead takes a temperature the same way: its own family, its T = 1 spec the end at 1.
+    two_step = {"lookahead2:alpha=0.1": summary(0.5, 2.9, 0.8),
+                "lookahead2:alpha=0.1:top=8:top2=8:temperature=0.9": summary(-0.1, 3.0, 0.5)}
+    two_step_name = "lookahead2:alpha=0.1:top=8:top2=8 + temperature"
+    assert family("lookahead2:alpha=0.1:temperature=0.9") == (two_step_name, 0.9)
+    entry = measured_matches({**results, **two_step})[two_step_name]
+    assert [end["value"] for end in entry["bracket"]] == [0.9, 1.0]
+    assert entry["value_at_zero"] == pytest.approx(0.9 + 0.1 / 6)
 
 
 # --- per-bin EntCE ----------------------------------------------------------------------------------------

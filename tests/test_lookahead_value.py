@@ -116,6 +116,16 @@ def test_sampler_q_is_the_formula_and_generation_runs(tiny, one_thread):
             assert out["log_loss"][i, t].item() == pytest.approx(-log_q[w.continuation_ids[t]].item(), abs=1e-4)
     result = measure(model, tok, windows, ["lookahead2:alpha=0.7:top=3:top2=4"], batch_size=2, progress=False)
     assert math.isfinite(result["lookahead2:alpha=0.7:top=3:top2=4"]["gen_entropy"])
+    # With a temperature of its own, q^(1/T) renormalised: the knob that reads the two-step F at EntCE = 0.
+    tempered = parse_sampler("lookahead2:alpha=0.7:top=3:top2=4:temperature=0.8", model)
+    assert tempered.key == "lookahead2:alpha=0.7:top=3:top2=4:temperature=0.8"
+    with tempered.attach(model):
+        cooled = teacher_forced(model, tempered, windows, pad_id=0)
+    context = list(windows[0].prompt_ids)
+    candidates, f2 = brute_force_two_step(model, context, 3, 4)
+    logp = torch.log_softmax(last_logits(model, [context]), -1)
+    log_q = torch.log_softmax(lookahead_logits(logp, candidates[None], f2[None], 0.7)[0] / 0.8, -1)
+    assert cooled["log_loss"][0, 0].item() == pytest.approx(-log_q[windows[0].continuation_ids[0]].item(), abs=1e-4)
 
 
 def test_per_step_alpha_follows_the_step(tiny):
@@ -143,7 +153,8 @@ def test_spec_keys(tiny, tmp_path):
     random_value(model, tok).save_pretrained(tmp_path / "v")
     folder = str(tmp_path / "v")
     two = parse_sampler("lookahead2:alpha=0.10", model)
-    assert two.key == "lookahead2:alpha=0.1:top=8:top2=8"
+    assert two.key == "lookahead2:alpha=0.1:top=8:top2=8"  # T = 1 unspelled: older journals' keys still resume
+    assert parse_sampler("lookahead2:alpha=0.1:temperature=1", model).key == two.key
     keys = {parse_sampler(spec, model).key for spec in (
         "lookahead2:alpha=0.1", "lookahead2:alpha=0.1:top=4", "lookahead2:alpha=0.1:top2=4", "lookahead2:alpha=0.2")}
     assert len(keys) == 4
@@ -162,6 +173,8 @@ def test_spec_keys(tiny, tmp_path):
                           ("lookahead2:alpha=0.1:beta=1", "unknown term 'beta=1'"),
                           ("lookahead2:top=3", "sets no alpha"),
                           ("lookahead2:alpha=fit", "alpha=fit needs data"),
+                          ("lookahead2:alpha=0.1:temperature=0", "`temperature` must be above 0"),
+                          ("lookahead2:alpha=fit:temperature=0.9", "alpha=fit .* takes no temperature"),
                           ("lookahead2:alpha=0.1:alpha=0.2", "sets `alpha` twice"),
                           (f"lookahead-value:{folder}:alpha=0.1:sha256=0123456789abcdef", "pins value files sha256"),
                           ("lookahead-value:alpha=0.1", "names no value folder")):

@@ -19,6 +19,7 @@ from pathlib import Path
 from calibrated_sampling.compare import TEMPERED, measured_matches
 from calibrated_sampling.files import write_atomic
 from calibrated_sampling.lookahead import parse_lookahead
+from calibrated_sampling.lookahead_value import parse_lookahead2
 
 # (short name, model and text, folder under --results): the order of the README's headline
 SETTINGS = (
@@ -42,7 +43,11 @@ def matched_setting(knob: str, matches: dict) -> str:
     entry = matches[knob]
     (lo, hi), x = entry["bracket"], entry["value_at_zero"]
     name = knob.replace("_", "-")
-    if knob.endswith(TEMPERED):  # lookahead:alpha=A:top=C + temperature
+    if knob.startswith("lookahead2:"):  # lookahead2:alpha=A:top=C:top2=C2 + temperature
+        options = parse_lookahead2(knob.removesuffix(TEMPERED))
+        name = (f"lookahead (F: exact two-step, alpha {options['alpha']:.4g}, top {options['top']} x "
+                f"{options['top2']}) + temperature")
+    elif knob.endswith(TEMPERED):  # lookahead:alpha=A:top=C + temperature
         options = parse_lookahead(knob.removesuffix(TEMPERED))
         name = f"lookahead (F: exact one-step, alpha {options['alpha']:.4g}, top {options['top']}) + temperature"
     return f"{name} {lo['value']:.4g} / {hi['value']:.4g}, interpolated (≈ {x:.3g})"
