@@ -25,6 +25,7 @@ from calibrated_sampling.lookahead_value import parse_lookahead2
 SETTINGS = (
     ("pydoc 256", "SmolLM2-135M on pydoc", "schedules-pydoc-256"),
     ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512-128"),
+    ("Austen 512, 32 prompts", "SmolLM2-135M on Jane Austen", "lookahead-austen-512"),
     ("pydoc 128", "SmolLM2-135M on pydoc", "schedules-pydoc-128"),
     ("Gemma pydoc 128", "Gemma-3-270M on pydoc", "schedules-gemma3-270m-pydoc-128"),
 )
