@@ -33,7 +33,7 @@ from .data import Window, windows_digest
 from .journal import Journal, fingerprint
 from .lookahead import lookahead_key, parse_lookahead
 from .lookahead_fit import fit_lookahead_alpha
-from .lookahead_value import parse_lookahead2, two_step_key
+from .lookahead_value import parse_lookahead2, two_step_key, value_family_key, value_options
 from .mauve import compute_mauve, mauve_available, text_features
 from .measure import measure
 from .metrics import per_bin_entce, self_bleu
@@ -109,7 +109,8 @@ SCALE_RANGE = (0.0, 4.0)
 # ``measure`` run its temperature is a knob read at EntCE = 0 like temperature's, T = 1 being the method itself.
 TEMPERED = " + temperature"
 # The kinds of method that take a temperature of their own: kind -> (parse a spec's options, their canonical key).
-TEMPERABLE = {"lookahead": (parse_lookahead, lookahead_key), "lookahead2": (parse_lookahead2, two_step_key)}
+TEMPERABLE = {"lookahead": (parse_lookahead, lookahead_key), "lookahead2": (parse_lookahead2, two_step_key),
+              "lookahead-value": (value_options, value_family_key)}
 
 
 def grid_specs(preset: Preset) -> list[str]:
@@ -636,7 +637,7 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
 
 def family(key: str) -> tuple[str, float | None]:
     """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
-    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 alike), ("calibrated NAME", scale); a composition
+    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 and lookahead-value alike), ("calibrated NAME", scale); a composition
     of warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
     if sep and kind == "calibrated":

@@ -24,9 +24,10 @@ Per-step weights: ``alpha`` may be a sequence, alpha_t for generation step t (0-
 as the number of one-token extensions since the last context that was not one (a new prompt or batch
 restarts at 0); a step past the end is an error.
 
-Specs: ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D]`` (key: every option, and D the
-digest of the value folder's files) and ``lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]`` (T divides
-the log q, as the one-step lookahead's does: the knob that reads it at EntCE = 0); ``alpha=fit`` needs data
+Specs: ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D][:temperature=T]`` (key: every
+option, and D the digest of the value folder's files) and ``lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]``
+(T divides the log q, as the one-step lookahead's does: the knob that reads it at EntCE = 0; spelled in a
+key only where it is not 1); ``alpha=fit`` needs data
 (:func:`.lookahead_value_fit.fit_spec_alpha`).
 """
 
@@ -187,10 +188,10 @@ class FutureLookaheadProcessor(LookaheadProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Specs: lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D],
+# Specs: lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D][:temperature=T],
 # lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]
 
-VALUE_OPTIONS = {"alpha": None, "top": DEFAULT_TOP, "horizon": None, "sha256": None}
+VALUE_OPTIONS = {"alpha": None, "top": DEFAULT_TOP, "horizon": None, "sha256": None, "temperature": 1.0}
 TWO_STEP_OPTIONS = {"alpha": None, "top": DEFAULT_TOP2, "top2": DEFAULT_TOP2, "temperature": 1.0}
 TWO_STEP_USAGE = "use lookahead2:alpha=X[:top=C][:top2=C2][:temperature=T]"
 
@@ -229,11 +230,29 @@ def _refuse_fit(spec: str, options: dict) -> None:
 
 
 def parse_lookahead_value(spec: str) -> tuple[str, dict]:
-    """(value folder, options) of a ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D]`` spec."""
+    """(value folder, options) of a ``lookahead-value:VALUE_DIR:alpha=X[:top=C][:horizon=K][:sha256=D][:temperature=T]``
+    spec."""
     folder, options = parse_options(spec, VALUE_OPTIONS)
     if not folder:
         raise ValueError(f"sampler spec {spec!r} names no value folder: use lookahead-value:VALUE_DIR:alpha=X")
+    _refuse_tempered_fit(spec, options)
     return folder, _require_alpha(spec, options)
+
+
+def value_options(spec: str) -> dict:
+    """The options of a lookahead-value spec or key with its folder as ``folder``: the form
+    :data:`.compare.TEMPERABLE` reads families from."""
+    folder, options = parse_lookahead_value(spec)
+    return {**options, "folder": folder}
+
+
+def value_family_key(options: dict) -> str:
+    """A lookahead-value method as :func:`value_options` reads it, its temperature spelled only where it is not 1;
+    the value files' digest is left out, so a spec and its key (which pins the digest) name one method."""
+    key = f"lookahead-value:{head_identity(options['folder'])}:alpha={format_number(options['alpha'])}:top={options['top']}"
+    if options["horizon"] is not None:
+        key += f":horizon={options['horizon']}"
+    return key if options["temperature"] == 1 else f"{key}:temperature={format_number(options['temperature'])}"
 
 
 def parse_lookahead2(spec: str) -> dict:
@@ -242,10 +261,14 @@ def parse_lookahead2(spec: str) -> dict:
     if rest:
         term = rest.split(":")[-1]  # options are read from the end: the last one that is none
         raise ValueError(f"sampler spec {spec!r}: unknown term {term!r}; {TWO_STEP_USAGE}")
+    _refuse_tempered_fit(spec, options)
+    return _require_alpha(spec, options)
+
+
+def _refuse_tempered_fit(spec: str, options: dict) -> None:
     if options["alpha"] == "fit" and options["temperature"] != 1:
         raise ValueError(f"sampler spec {spec!r}: alpha=fit fits alpha to human log loss with q itself, so it takes "
-                         "no temperature: fit alpha first, then set lookahead2:alpha=X:temperature=T")
-    return _require_alpha(spec, options)
+                         "no temperature: fit alpha first, then set alpha=X:temperature=T")
 
 
 def two_step_key(options: dict) -> str:
@@ -271,7 +294,9 @@ def value_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:
     source = ValueLookahead(model, StateValueHead.from_pretrained(folder, model), options["top"], options["horizon"])
     key = ":".join(["lookahead-value", head_identity(folder), f"alpha={format_number(options['alpha'])}",
                     f"top={options['top']}", f"horizon={source.horizon}", f"sha256={digest}"])
-    return _sampler(spec, source, options["alpha"], key)
+    if options["temperature"] != 1:  # keys journaled before the option existed still name their measurements
+        key += f":temperature={format_number(options['temperature'])}"
+    return _sampler(spec, source, options["alpha"], key, options["temperature"])
 
 
 def two_step_sampler(spec: str, model: PreTrainedModel | None) -> LookaheadSampler:

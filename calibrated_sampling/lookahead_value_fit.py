@@ -77,17 +77,18 @@ def check_source(spec: str, name: str = "spec") -> None:
     head or value folder), so that a command refuses it before loading the model; ``name``: the argument."""
     kind = spec.partition(":")[0].strip()
     if kind == "lookahead":
-        if parse_lookahead(spec)["temperature"] != 1:  # F is the entropy under p: a temperature would be lost
-            raise ValueError(f"`{name}` {spec!r} sets a temperature, which an F source does not take: drop it")
+        options = parse_lookahead(spec)
     elif kind in ("head", "lookahead-value"):
-        folder = parse_options(spec, HEAD_OPTIONS)[0] if kind == "head" else parse_lookahead_value(spec)[0]
+        folder, options = parse_options(spec, HEAD_OPTIONS) if kind == "head" else parse_lookahead_value(spec)
         if not folder:
             raise ValueError(f"`{name}` {spec!r} names no folder: use {kind}:DIR:alpha=fit")
         require_head_files(folder)  # a missing folder, config.json or weights file (not hashed: they load later)
     elif kind == "lookahead2":
-        parse_lookahead2(spec)
+        options = parse_lookahead2(spec)
     else:
         raise ValueError(f"`{name}` must be a lookahead:, lookahead-value:, lookahead2: or head: spec, but is {spec!r}")
+    if options.get("temperature", 1) != 1:  # F is made from p itself: a temperature of q would be lost
+        raise ValueError(f"`{name}` {spec!r} sets a temperature, which an F source does not take: drop it")
 
 
 def spec_source(spec: str, model: PreTrainedModel) -> LookaheadEntropy:

@@ -177,6 +177,16 @@ def test_a_lookahead_with_its_own_temperature_is_a_knob_read_at_equal_entropy():
     entry = measured_matches({**results, **two_step})[two_step_name]
     assert [end["value"] for end in entry["bracket"]] == [0.9, 1.0]
     assert entry["value_at_zero"] == pytest.approx(0.9 + 0.1 / 6)
+    # And the lookahead with a learned state value: its family names the folder as a key does.
+    value_name = "lookahead-value:heads/v:alpha=0.02:top=16 + temperature"
+    assert family("lookahead-value:heads/v:alpha=0.02:top=16:temperature=0.95") == (value_name, 0.95)
+    assert family("lookahead-value:heads/v/:alpha=0.020:temperature=0.9")[0] == value_name
+    assert family("lookahead-value:heads/v:alpha=0.02:top=16:horizon=4:temperature=0.9")[0] != value_name
+    value_runs = {"lookahead-value:heads/v:alpha=0.02": summary(0.5, 2.9, 0.8),
+                  "lookahead-value:heads/v:alpha=0.02:temperature=0.9": summary(-0.1, 3.0, 0.5)}
+    entry = measured_matches({**results, **value_runs})[value_name]
+    assert [end["spec"] for end in entry["bracket"]] == ["lookahead-value:heads/v:alpha=0.02:temperature=0.9",
+                                                         "lookahead-value:heads/v:alpha=0.02"]
 
 
 # --- per-bin EntCE ----------------------------------------------------------------------------------------

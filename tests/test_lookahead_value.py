@@ -17,6 +17,7 @@ from calibrated_sampling.lookahead_value import (
     ValueLookahead,
 )
 from calibrated_sampling.lookahead_value_fit import (
+    check_source,
     fit_alpha_bins,
     fit_spec_alpha,
     per_step_alphas,
@@ -26,6 +27,7 @@ from calibrated_sampling.lookahead_value_fit import (
 from calibrated_sampling.measure import measure, teacher_forced
 from calibrated_sampling.metrics import entropy
 from calibrated_sampling.samplers import ModelRequired, check_specs, parse_sampler
+from calibrated_sampling.value import StateValueHead
 
 CONTEXTS = [[5, 17, 42, 8, 60], [11, 23, 3, 71, 9, 30, 64, 12]]  # two lengths: the left padding must be masked
 
@@ -165,6 +167,20 @@ def test_spec_keys(tiny, tmp_path):
         assert parse_sampler(sampler.key, model).key == sampler.key  # a key is a spec of itself
     others = {parse_sampler(f"lookahead-value:{folder}:alpha=0.5:top=4:horizon={k}", model).key for k in (1, 2)}
     assert len(others | {value.key}) == 3
+    # A temperature of its own: spelled at the end of the key where it is not 1, q^(1/T) renormalised.
+    assert parse_sampler(f"lookahead-value:{folder}:alpha=0.5:top=4:temperature=1", model).key == value.key
+    tempered = parse_sampler(f"lookahead-value:{folder}:alpha=0.5:top=4:temperature=0.8", model)
+    assert tempered.key == f"{value.key}:temperature=0.8"
+    assert parse_sampler(tempered.key, model).key == tempered.key
+    windows = model_windows(model, 1, 5, 1, temperature=1.0)
+    with tempered.attach(model):
+        cooled = teacher_forced(model, tempered, windows, pad_id=0)
+    context = list(windows[0].prompt_ids)
+    ids, mask = padded([context])
+    logits = last_logits(model, [context])
+    candidates, future = ValueLookahead(model, StateValueHead.from_pretrained(folder, model), 4, 12)(ids, logits, mask)
+    log_q = torch.log_softmax(lookahead_logits(torch.log_softmax(logits, -1), candidates, future, 0.5)[0] / 0.8, -1)
+    assert cooled["log_loss"][0, 0].item() == pytest.approx(-log_q[windows[0].continuation_ids[0]].item(), abs=1e-4)
     with pytest.raises(ModelRequired):
         parse_sampler(f"lookahead-value:{folder}:alpha=0.5")
     check_specs([f"lookahead-value:{folder}:alpha=0.5", "lookahead2:alpha=0.5"])
@@ -177,12 +193,20 @@ def test_spec_keys(tiny, tmp_path):
                           ("lookahead2:alpha=fit:temperature=0.9", "alpha=fit .* takes no temperature"),
                           ("lookahead2:alpha=0.1:alpha=0.2", "sets `alpha` twice"),
                           (f"lookahead-value:{folder}:alpha=0.1:sha256=0123456789abcdef", "pins value files sha256"),
-                          ("lookahead-value:alpha=0.1", "names no value folder")):
+                          ("lookahead-value:alpha=0.1", "names no value folder"),
+                          (f"lookahead-value:{folder}:alpha=fit:temperature=0.9", "alpha=fit .* takes no temperature"),
+                          (f"lookahead-value:{folder}:alpha=0.1:temperature=-1", "`temperature` must be above 0")):
         with pytest.raises(ValueError, match=message):
             parse_sampler(spec, model)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         parse_sampler(f"lookahead-value:{tmp_path}:alpha=0.1", model)
     assert with_alpha("lookahead:fit:top=3", -0.25) == "lookahead:alpha=-0.25:top=3"
+    # An F source is made from p itself, so a sampler's temperature in it is refused by the argument's name.
+    for spec in ("lookahead:alpha=0.1:temperature=0.9", "lookahead2:alpha=0.1:temperature=0.9",
+                 f"lookahead-value:{folder}:alpha=0.1:temperature=0.9"):
+        with pytest.raises(ValueError, match=r"`source` .* sets a temperature, which an F source does not take"):
+            check_source(spec, "source")
+    check_source(f"lookahead-value:{folder}:alpha=fit", "source")
 
 
 def test_alpha_fit_has_a_standard_error_and_a_minimum(tiny, tmp_path, one_thread):

@@ -19,7 +19,7 @@ from pathlib import Path
 from calibrated_sampling.compare import TEMPERED, measured_matches
 from calibrated_sampling.files import write_atomic
 from calibrated_sampling.lookahead import parse_lookahead
-from calibrated_sampling.lookahead_value import parse_lookahead2
+from calibrated_sampling.lookahead_value import parse_lookahead2, parse_lookahead_value
 
 # (short name, model and text, folder under --results): the order of the README's headline
 SETTINGS = (
@@ -48,6 +48,10 @@ def matched_setting(knob: str, matches: dict) -> str:
         options = parse_lookahead2(knob.removesuffix(TEMPERED))
         name = (f"lookahead (F: exact two-step, alpha {options['alpha']:.4g}, top {options['top']} x "
                 f"{options['top2']}) + temperature")
+    elif knob.startswith("lookahead-value:"):  # lookahead-value:DIR:alpha=A:top=C[:horizon=K] + temperature
+        folder, options = parse_lookahead_value(knob.removesuffix(TEMPERED))
+        name = (f"lookahead (F: one step + state value {Path(folder).name}, alpha {options['alpha']:.4g}, "
+                f"top {options['top']}) + temperature")
     elif knob.endswith(TEMPERED):  # lookahead:alpha=A:top=C + temperature
         options = parse_lookahead(knob.removesuffix(TEMPERED))
         name = f"lookahead (F: exact one-step, alpha {options['alpha']:.4g}, top {options['top']}) + temperature"
