@@ -17,7 +17,9 @@
 #   (the exact two-step F at EntCE 0 on pydoc 128: alpha from results/lookahead-fit/pydoc-two-step.json, added to
 #    the pydoc-128 run (README, *The lookahead's entropy-matched schedule*): ... TEMPERATURE=...,lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.92,\
 #    lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.94; then twice the one-step weight, the same way:
-#    ...,lookahead:alpha=0.2:top=16:temperature=0.93,...:temperature=0.95,...:temperature=0.97)
+#    ...,lookahead:alpha=0.2:top=16:temperature=0.93,...:temperature=0.95,...:temperature=0.97; and the learned state
+#    value, alpha from results/lookahead-fit/pydoc-value-h16.json: ...,lookahead-value:heads/smollm2-135m-value:\
+#    alpha=0.02116:top=16:horizon=16:temperature=0.92,...:temperature=0.9)
 #   (the one-step lookahead at EntCE 0 on Austen, 32 held-out prompts x 512, pydoc's alpha: a measure run alone:
 #    calibrated-sampling measure --model smollm2-135m --data ../shared/data/austen --split eval --samplers \
 #      temperature=0.96,temperature=0.97,lookahead:alpha=0.1005:top=16:temperature=0.98,\
