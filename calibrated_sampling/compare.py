@@ -637,8 +637,8 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
 
 def family(key: str) -> tuple[str, float | None]:
     """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
-    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 and lookahead-value alike), ("calibrated NAME", scale); a composition
-    of warpers is its own family, without a value."""
+    ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 and lookahead-value alike),
+    ("calibrated NAME", scale); a composition of warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
     if sep and kind == "calibrated":
         head_dir, options = parse_calibrated(key)
