@@ -24,7 +24,8 @@
 #    calibrated-sampling measure --model smollm2-135m --data ../shared/data/austen --split eval --samplers \
 #      temperature=0.96,temperature=0.97,lookahead:alpha=0.1005:top=16:temperature=0.98,\
 #      lookahead:alpha=0.1005:top=16:temperature=0.97,lookahead:alpha=0.2:top=16:temperature=1.0,\
-#      lookahead:alpha=0.2:top=16:temperature=1.02 --num-prompts 32 --max-new-tokens 512 --batch-size 16 \
+#      lookahead:alpha=0.2:top=16:temperature=1.02,lookahead-value:heads/smollm2-135m-value:alpha=0.02116:top=16:\
+#      horizon=16:temperature=0.97,...:temperature=0.98 --num-prompts 32 --max-new-tokens 512 --batch-size 16 \
 #      --seed 0 --out results/lookahead-austen-512)
 #   MODEL=gemma3-270m DATA=pydoc T=128 NAME=pydoc-128 FIT_PROMPTS=24 PROMPTS=32 FITS=temperature \
 #     OUT=results/schedules-gemma3-270m-pydoc-128 \
