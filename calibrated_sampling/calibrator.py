@@ -388,7 +388,8 @@ class FutureEntropyCalibrator(LogitsProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The `calibrated:HEAD_DIR[:scale=S][:fused=auto|0|1][:past=error|base][:sha256=D]` sampler kind
+# The `calibrated:HEAD_DIR[:scale=S][:fused=auto|0|1][:past=error|base][:sha256=D]` sampler kind, and its
+# fixed-weight form `calibrated:HEAD_DIR:alpha=A[:temperature=T]` (q ∝ exp((log p - A F) / T) at every step)
 
 
 @dataclass
@@ -406,7 +407,10 @@ class CalibratedSampler(Sampler):
         return self.calibrator.teacher_forced_logits(base_logits, hidden, step)
 
 
-SPEC_OPTIONS = {"scale": 1.0, "fused": None, "past": "error", "sha256": None}  # defaults, in key order
+# defaults, in key order; alpha and temperature are spelled out only in the fixed-weight form
+SPEC_OPTIONS = {"scale": 1.0, "fused": None, "past": "error", "sha256": None, "alpha": None, "temperature": 1.0}
+# The fixed-weight form's schedule length: it has no T of its own, and its head reads one horizon at every step.
+UNBOUNDED_STEPS = 2**31 - 1
 FUSED = {"auto": None, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 FUSED_TEXT = {None: "auto", True: "1", False: "0"}
 
@@ -435,7 +439,7 @@ def head_identity(head_dir: str | os.PathLike) -> str:
 
 
 def _spec_option(spec: str, name: str, raw: str):
-    if name == "scale":
+    if name in ("scale", "alpha", "temperature"):
         return parse_number(spec, name, raw)
     if name == "fused":
         if raw.lower() not in FUSED:
@@ -457,7 +461,28 @@ def parse_calibrated(spec: str) -> tuple[str, dict]:
     options = {**SPEC_OPTIONS, **{name: _spec_option(spec, name, text) for name, text in raw.items()}}
     if not head_dir:
         raise ValueError(f"sampler spec {spec!r} names no head folder: use calibrated:HEAD_DIR[:scale=S]")
+    if options["temperature"] <= 0:
+        raise ValueError(f"sampler spec {spec!r}: `temperature` must be above 0, but is {options['temperature']!r}")
+    if options["alpha"] is None and options["temperature"] != 1:
+        raise ValueError(f"sampler spec {spec!r}: `temperature` is for the fixed-weight form; add alpha=A "
+                         "(q ∝ exp((log p - A F) / T)), or use the head's fitted calibration without it")
+    if options["alpha"] is not None and options["scale"] != 1:
+        raise ValueError(f"sampler spec {spec!r}: `scale` multiplies a fitted schedule's b, which alpha=A replaces; "
+                         "set one of them")
     return head_dir, options
+
+
+def calibrated_key(head_dir: str, options: dict) -> str:
+    """The canonical key of a calibrated spec's folder (as :func:`head_identity` names it) and options: every
+    option but alpha and temperature, which are spelled out only in the fixed-weight form (temperature where
+    it is not 1), so that the keys of fitted-calibration samplers stay what they were."""
+    parts = ["calibrated", head_dir, f"scale={format_number(options['scale'])}",
+             f"fused={FUSED_TEXT[options['fused']]}", f"past={options['past']}"]
+    parts += [f"sha256={options['sha256']}"] if options["sha256"] is not None else []
+    if options["alpha"] is not None:
+        parts.append(f"alpha={format_number(options['alpha'])}")
+        parts += [f"temperature={format_number(options['temperature'])}"] if options["temperature"] != 1 else []
+    return ":".join(parts)
 
 
 def _check_head_folder(spec: str, head_dir: str, pinned: str | None) -> str:
@@ -474,17 +499,42 @@ def _check_head_folder(spec: str, head_dir: str, pinned: str | None) -> str:
     return digest
 
 
+def calibrated_options(spec: str) -> dict:
+    """The options of a calibrated spec or key with its folder as ``folder``: the form
+    :data:`.compare.TEMPERABLE` reads families from."""
+    head_dir, options = parse_calibrated(spec)
+    return {**options, "folder": head_dir}
+
+
+def calibrated_family_key(options: dict) -> str:
+    """A calibrated method as :func:`calibrated_options` reads it, without the head files' digest, so that a
+    spec and its key (which pins the digest) name one method."""
+    return calibrated_key(head_identity(options["folder"]), {**options, "sha256": None})
+
+
 def calibrated_sampler(spec: str, model: PreTrainedModel | None) -> CalibratedSampler:
     """Build the sampler of a ``calibrated:HEAD_DIR[:scale=S][:fused=auto|0|1][:past=error|base][:sha256=D]``
-    spec (``sha256``: refuse a folder whose files changed). Its key spells out every option and the digest."""
+    spec (``sha256``: refuse a folder whose files changed). Its key spells out every option and the digest.
+
+    ``alpha=A[:temperature=T]`` replaces the head's fitted calibration with one weight at every step,
+    q ∝ exp((log p - A F) / T): the lookahead's form with the head's F, so that a head distilled from the
+    lookahead's F can be read at equal entropy beside it. It needs a head trained at one horizon
+    (``train-head --fixed-horizon K``), since no schedule length tells it the steps left."""
     head_dir, options = parse_calibrated(spec)
-    digest = _check_head_folder(spec, head_dir, options["sha256"])
+    options["sha256"] = _check_head_folder(spec, head_dir, options["sha256"])
     if model is None:
         raise ModelRequired(spec)
+    weights = {}
+    if options["alpha"] is not None:
+        weights = {"a": 1 / options["temperature"], "b": options["alpha"] / options["temperature"],
+                   "max_new_tokens": UNBOUNDED_STEPS}
     calibrator = FutureEntropyCalibrator.from_pretrained(head_dir, model, scale=options["scale"],
-                                                         fused=options["fused"], past_schedule=options["past"])
-    key = ":".join(["calibrated", head_identity(head_dir), f"scale={format_number(options['scale'])}",
-                    f"fused={FUSED_TEXT[options['fused']]}", f"past={options['past']}", f"sha256={digest}"])
+                                                         fused=options["fused"], past_schedule=options["past"], **weights)
+    if weights and calibrator.head.config.fixed_horizon is None:
+        raise ValueError(f"sampler spec {spec!r}: alpha=A needs a head trained at one horizon (train-head "
+                         f"--fixed-horizon K), but {head_dir} reads its horizon from the steps left, which a fixed "
+                         "weight does not give: drop alpha to use its fitted calibration, or fit a schedule:FILE")
+    key = calibrated_key(head_identity(head_dir), options)
     calibrator.key = key  # a bare processor list still names its q (samplers.processors_key)
     return CalibratedSampler(spec, LogitsProcessorList([calibrator]), truncating=False, key=key, calibrator=calibrator)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .calibrator import parse_calibrated
+from .calibrator import calibrated_family_key, calibrated_options, parse_calibrated
 from .data import Window, windows_digest
 from .journal import Journal, fingerprint
 from .lookahead import lookahead_key, parse_lookahead
@@ -109,8 +109,10 @@ SCALE_RANGE = (0.0, 4.0)
 # ``measure`` run its temperature is a knob read at EntCE = 0 like temperature's, T = 1 being the method itself.
 TEMPERED = " + temperature"
 # The kinds of method that take a temperature of their own: kind -> (parse a spec's options, their canonical key).
+# A calibrated head takes one in its fixed-weight form only (``calibrated:HEAD_DIR:alpha=A:temperature=T``).
 TEMPERABLE = {"lookahead": (parse_lookahead, lookahead_key), "lookahead2": (parse_lookahead2, two_step_key),
-              "lookahead-value": (value_options, value_family_key)}
+              "lookahead-value": (value_options, value_family_key),
+              "calibrated": (calibrated_options, calibrated_family_key)}
 
 
 def grid_specs(preset: Preset) -> list[str]:
@@ -486,7 +488,7 @@ def untempered_spec(tempered: str, results: dict[str, dict]) -> str | None:
         if kind in TEMPERABLE:
             parse, key_of = TEMPERABLE[kind]
             options = parse(spec)
-            if options["alpha"] != "fit" and key_of(options) + TEMPERED == tempered:
+            if options["alpha"] not in ("fit", None) and key_of(options) + TEMPERED == tempered:
                 return spec
     return None
 
@@ -638,11 +640,13 @@ def add_mauve(results: dict[str, dict], model: PreTrainedModel, tokenizer, windo
 def family(key: str) -> tuple[str, float | None]:
     """(family, knob value) of a sampler's key (a spec works too): ("temperature", 0.9), ("base", None),
     ("lookahead", alpha), ("lookahead:alpha=A:top=C + temperature", T) (lookahead2 and lookahead-value alike),
-    ("calibrated NAME", scale); a composition of warpers is its own family, without a value."""
+    ("calibrated NAME", scale), a calibrated head's fixed-weight form as the lookahead's; a composition of
+    warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
     if sep and kind == "calibrated":
         head_dir, options = parse_calibrated(key)
-        return f"calibrated {Path(head_dir).name}", options["scale"]
+        if options["alpha"] is None:
+            return f"calibrated {Path(head_dir).name}", options["scale"]
     if sep and kind in TEMPERABLE:
         parse, key_of = TEMPERABLE[kind]
         options = parse(key)

@@ -6,7 +6,8 @@ Specs. A spec is ``base`` or ``name=value`` terms joined by ``+`` (applied left 
 ``typical_p=0.9``, ``eta=0.0009``, ``epsilon=0.0003``, ``temperature=0.9+top_p=0.95``.
 All of them are transformers' own warpers; nothing is re-implemented here. Values must be finite.
 Other kinds are ``kind:ARG`` specs of a registered kind: ``calibrated:HEAD_DIR[:scale=S]`` samples
-from a fitted future-entropy calibration (calibrator.py); ``lookahead:alpha=X[:top=C]`` is the
+from a fitted future-entropy calibration, ``calibrated:HEAD_DIR:alpha=X[:temperature=T]`` from a one-horizon
+head's F at a fixed weight (calibrator.py); ``lookahead:alpha=X[:top=C]`` is the
 one-step lookahead baseline of Braverman et al. 2020 (lookahead.py); ``lookahead-value:VALUE_DIR:alpha=X``
 and ``lookahead2:alpha=X`` look further ahead (lookahead_value.py).
 

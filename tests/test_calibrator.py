@@ -398,6 +398,44 @@ def test_measure_calibrated_sampler(setup, tmp_path):
     assert first["gen_entropy"] == pytest.approx(first["human_entropy"], abs=1e-4)
 
 
+def test_the_fixed_weight_form_tilts_by_a_one_horizon_heads_F_as_the_lookahead_does(setup, tmp_path):
+    """calibrated:DIR:alpha=A:temperature=T samples q ∝ exp((log p - A F_k) / T) at every step, k the head's
+    fixed horizon, with no fitted calibration needed; what it cannot mean is refused by name."""
+    model, tok, head = setup
+    head.config.fixed_horizon = 1
+    head.save_pretrained(tmp_path / "one-step")  # no calibration in its config: alpha needs none
+    spec = f"calibrated:{tmp_path / 'one-step'}:alpha=0.3:temperature=0.8"
+    key = parse_sampler(spec, model).key
+    assert key.startswith(f"calibrated:{tmp_path / 'one-step'}:scale=1:fused=auto:past=error:sha256=")
+    assert key.endswith(":alpha=0.3:temperature=0.8")
+    data = windows(3, [6, 9, 4], 7)
+    results = measure(model, tok, data, ["base", spec, f"calibrated:{tmp_path / 'one-step'}:alpha=0"],
+                      batch_size=3, progress=False)
+    losses = []
+    for window in data:
+        ids = torch.tensor([window.prompt_ids + window.continuation_ids])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+            for t, token in enumerate(window.continuation_ids):
+                position = len(window.prompt_ids) + t - 1
+                log_p = out.logits[0, position].log_softmax(-1)
+                q = (log_p - 0.3 * head(out.hidden_states[-1][0, position], torch.tensor(1))) / 0.8
+                losses.append(-q.log_softmax(-1)[token])
+    assert results[spec]["log_loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+    assert results[f"calibrated:{tmp_path / 'one-step'}:alpha=0"]["log_loss"] == pytest.approx(
+        results["base"]["log_loss"], abs=1e-6)
+    for bad, words in ((":temperature=0.8", "`temperature` is for the fixed-weight form"),
+                       (":alpha=0.3:temperature=0", "`temperature` must be above 0"),
+                       (":alpha=0.3:scale=2", "`scale` multiplies a fitted schedule's b"),
+                       (":alpha=nan", "alpha")):
+        with pytest.raises(ValueError, match=words):
+            parse_sampler(f"calibrated:{tmp_path / 'one-step'}{bad}", model)
+    head.config.fixed_horizon = None  # a head that reads k = T - 1 - t: a fixed weight gives no T
+    head.save_pretrained(tmp_path / "all-horizons")
+    with pytest.raises(ValueError, match="alpha=A needs a head trained at one horizon"):
+        parse_sampler(f"calibrated:{tmp_path / 'all-horizons'}:alpha=0.3", model)
+
+
 def test_comparison_journal_measures_a_refitted_head_again(setup, tmp_path):
     from calibrated_sampling.compare import Comparison
     from calibrated_sampling.journal import Journal

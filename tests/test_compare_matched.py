@@ -187,6 +187,19 @@ def test_a_lookahead_with_its_own_temperature_is_a_knob_read_at_equal_entropy():
     entry = measured_matches({**results, **value_runs})[value_name]
     assert [end["spec"] for end in entry["bracket"]] == ["lookahead-value:heads/v:alpha=0.02:temperature=0.9",
                                                          "lookahead-value:heads/v:alpha=0.02"]
+    # A head's fixed-weight form (calibrated:DIR:alpha=A:temperature=T) likewise; the digest a key pins is left
+    # out of the family, and the fitted-calibration form stays a scale family.
+    head_name = "calibrated:heads/d:scale=1:fused=auto:past=error:alpha=0.1 + temperature"
+    assert family("calibrated:heads/d:alpha=0.1:temperature=0.9") == (head_name, 0.9)
+    assert family("calibrated:heads/d/:scale=1:fused=auto:past=error:sha256=0123456789abcdef:alpha=0.10:"
+                  "temperature=0.95") == (head_name, 0.95)
+    assert family("calibrated:heads/d:scale=0.5") == ("calibrated d", 0.5)
+    head_runs = {"calibrated:heads/d:alpha=0.1": summary(0.5, 2.9, 0.8),
+                 "calibrated:heads/d:alpha=0.1:temperature=0.9": summary(-0.1, 3.0, 0.5),
+                 "calibrated:heads/d:scale=0.5": summary(0.4, 2.9, 0.8)}
+    entry = measured_matches({**results, **head_runs})[head_name]
+    assert [end["spec"] for end in entry["bracket"]] == ["calibrated:heads/d:alpha=0.1:temperature=0.9",
+                                                         "calibrated:heads/d:alpha=0.1"]
 
 
 # --- per-bin EntCE ----------------------------------------------------------------------------------------

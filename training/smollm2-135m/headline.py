@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from calibrated_sampling.calibrator import parse_calibrated
 from calibrated_sampling.compare import TEMPERED, measured_matches
 from calibrated_sampling.files import write_atomic
 from calibrated_sampling.lookahead import parse_lookahead
@@ -52,6 +53,9 @@ def matched_setting(knob: str, matches: dict) -> str:
         folder, options = parse_lookahead_value(knob.removesuffix(TEMPERED))
         name = (f"lookahead (F: one step + state value {Path(folder).name}, alpha {options['alpha']:.4g}, "
                 f"top {options['top']}) + temperature")
+    elif knob.startswith("calibrated:"):  # calibrated:DIR:...:alpha=A + temperature (a head's F at a fixed weight)
+        folder, options = parse_calibrated(knob.removesuffix(TEMPERED))
+        name = f"head's F at a fixed weight ({Path(folder).name}, alpha {options['alpha']:.4g}) + temperature"
     elif knob.endswith(TEMPERED):  # lookahead:alpha=A:top=C + temperature
         options = parse_lookahead(knob.removesuffix(TEMPERED))
         name = f"lookahead (F: exact one-step, alpha {options['alpha']:.4g}, top {options['top']}) + temperature"
