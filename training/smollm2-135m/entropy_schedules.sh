@@ -31,6 +31,15 @@
 #     OUT=results/schedules-gemma3-270m-pydoc-128 \
 #     TEMPERATURE=temperature=0.96,min_p=0.000002,min_p=0.00001,min_p=0.00005,min_p=0.0002 \
 #     training/smollm2-135m/entropy_schedules.sh   (another model: no head of its own, so F = none only)
+#   (then the one-step lookahead on Gemma with SmolLM2's pydoc alpha, a measure run on the same journal:
+#    calibrated-sampling measure --model gemma3-270m --data pydoc --split eval --samplers base,schedule:\
+#      schedules/gemma3-270m-pydoc-128-temperature.json,temperature=0.96,min_p=0.000002,min_p=0.00001,min_p=0.00005,\
+#      min_p=0.0002,lookahead:alpha=0.1005:top=16,lookahead:alpha=0.1005:top=16:temperature=0.98 --num-prompts 32 \
+#      --max-new-tokens 128 --batch-size 16 --seed 0 --out results/schedules-gemma3-270m-pydoc-128)
+#   (the distilled one-step head's F at the one-step lookahead's weight, read at EntCE 0 with its own temperature:
+#    calibrated:heads/smollm2-135m-distilled:alpha=0.1005:temperature=T added to the pydoc-128 run (T 0.91, 0.93;
+#    alpha=0.3 at 0.91, 0.93), to the pydoc-256 run (T 0.9, 0.91) and to the Austen measure run above (T 0.96, 0.97,
+#    0.98))
 # FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8);
 # TEMPERATURE: the samplers measured beside them, two of them on
 # either side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0; BASE= leaves
