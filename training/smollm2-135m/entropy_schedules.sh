@@ -36,6 +36,10 @@
 #      schedules/gemma3-270m-pydoc-128-temperature.json,temperature=0.96,min_p=0.000002,min_p=0.00001,min_p=0.00005,\
 #      min_p=0.0002,lookahead:alpha=0.1005:top=16,lookahead:alpha=0.1005:top=16:temperature=0.98 --num-prompts 32 \
 #      --max-new-tokens 128 --batch-size 16 --seed 0 --out results/schedules-gemma3-270m-pydoc-128)
+#   (the one-step lookahead on a third text, Python code, pydoc's alpha, a measure run alone:
+#    calibrated-sampling measure --model smollm2-135m --data stdlib-code --split eval --samplers base,temperature=0.9,\
+#      temperature=0.95,lookahead:alpha=0.1005:top=16:temperature=0.92,lookahead:alpha=0.1005:top=16:temperature=0.945 \
+#      --num-prompts 32 --max-new-tokens 256 --batch-size 16 --seed 0 --out results/lookahead-stdlib-code-256)
 #   (the distilled one-step head's F at the one-step lookahead's weight, read at EntCE 0 with its own temperature:
 #    calibrated:heads/smollm2-135m-distilled:alpha=0.1005:temperature=T added to the pydoc-128 run (T 0.91, 0.93;
 #    alpha=0.3 at 0.91, 0.93), to the pydoc-256 run (T 0.9, 0.91) and to the Austen measure run above (T 0.96, 0.97,

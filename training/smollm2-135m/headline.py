@@ -28,6 +28,7 @@ SETTINGS = (
     ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512-128"),
     ("Austen 512, 32 prompts", "SmolLM2-135M on Jane Austen", "lookahead-austen-512"),
     ("pydoc 128", "SmolLM2-135M on pydoc", "schedules-pydoc-128"),
+    ("stdlib code 256", "SmolLM2-135M on the standard library's Python code", "lookahead-stdlib-code-256"),
     ("Gemma pydoc 128", "Gemma-3-270M on pydoc", "schedules-gemma3-270m-pydoc-128"),
 )
 # a schedule's F kind (its file's "future") -> the row's name, formatted with the file's "future" entry
