@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .calibrator import calibrated_family_key, calibrated_options, parse_calibrated
+from .calibrator import calibrated_family_key, calibrated_options
 from .data import Window, windows_digest
 from .journal import Journal, fingerprint
 from .lookahead import lookahead_key, parse_lookahead
@@ -643,13 +643,11 @@ def family(key: str) -> tuple[str, float | None]:
     ("calibrated NAME", scale), a calibrated head's fixed-weight form as the lookahead's; a composition of
     warpers is its own family, without a value."""
     kind, sep, _ = key.partition(":")
-    if sep and kind == "calibrated":
-        head_dir, options = parse_calibrated(key)
-        if options["alpha"] is None:
-            return f"calibrated {Path(head_dir).name}", options["scale"]
     if sep and kind in TEMPERABLE:
         parse, key_of = TEMPERABLE[kind]
         options = parse(key)
+        if kind == "calibrated" and options["alpha"] is None:  # a fitted calibration: its scale is the knob
+            return f"calibrated {Path(options['folder']).name}", options["scale"]
         if options["temperature"] != 1:  # a lookahead of fixed alpha and top, its temperature the knob
             return key_of({**options, "temperature": 1.0}) + TEMPERED, options["temperature"]
         if kind == "lookahead":
