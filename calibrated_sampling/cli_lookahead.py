@@ -65,6 +65,10 @@ def cmd_lookahead_fit(args) -> int:
           f"(top {result['top']}); human log loss, fit side {fit['log_loss_alpha0']:.4f} -> {fit['log_loss']:.4f} "
           f"({fit['tokens']} tokens), eval side {held['log_loss_alpha0']:.4f} -> {held['log_loss']:.4f} "
           f"({held['tokens']} tokens); {result['seconds']:.0f} s")
+    for side in ("fit", "eval"):  # why the text rewards F or not (lookahead_fit.human_gap)
+        gap = result[side]["human_gap"]
+        print(f"  {side} side at alpha 0: human token among the top {result['top']} at {gap['in_top_fraction']:.0%} of "
+              f"steps; there F(human) - E_p F = {gap['gap']:+.4f} ± {gap['gap_stderr']:.4f}, Var_p F {gap['spread']:.4f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")

@@ -11,7 +11,8 @@ from calibrated_sampling.cli import main
 from calibrated_sampling.compare import Comparison, Preset, find_root, reuse_decoder_pass, run_comparison
 from calibrated_sampling.data import Window, batch_windows
 from calibrated_sampling.lookahead import parse_lookahead
-from calibrated_sampling.lookahead_fit import fit_alpha, lookahead_log_loss, lookahead_loss_terms
+from calibrated_sampling.lookahead_fit import (fit_alpha, human_gap, lookahead_log_loss, lookahead_loss_terms,
+                                              token_log_loss_terms)
 from calibrated_sampling.mauve import compute_mauve, text_features
 from calibrated_sampling.measure import measure, teacher_forced
 from calibrated_sampling.metrics import entropy
@@ -157,6 +158,24 @@ def test_alpha_fit_lowers_human_log_loss(tiny):
     windows = model_windows(model, 6, 5, 10, temperature=0.8)
     direct = measure(model, tok, windows, ["base"], batch_size=6, progress=False)["base"]["log_loss"]
     assert loss0 == pytest.approx(direct, abs=1e-5)  # alpha = 0 is the base model
+
+
+def test_human_gap_is_the_log_loss_slope_at_zero_per_covered_token(tiny):
+    model, tok = tiny
+    terms = lookahead_loss_terms(model, tok, model_windows(model, 6, 5, 10, temperature=0.8), top=12, batch_size=4)
+    gap = human_gap(terms)
+    eps = 1e-4
+    slope = (lookahead_log_loss(terms, eps)[0] - lookahead_log_loss(terms, -eps)[0]) / (2 * eps)
+    curvature = (lookahead_log_loss(terms, eps)[1] - lookahead_log_loss(terms, -eps)[1]) / (2 * eps)
+    assert 0 < gap["in_top_fraction"] <= 1 and gap["gap_stderr"] > 0
+    assert slope == pytest.approx(gap["in_top_fraction"] * gap["gap"], abs=1e-6)
+    assert curvature == pytest.approx(gap["in_top_fraction"] * gap["spread"], rel=1e-3)
+    # one token by hand: F at the human token minus F's mean under p over the candidates
+    i = int((terms["index"] >= 0).nonzero()[0])
+    p, f = terms["logp"][i].softmax(-1), terms["entropy"][i]
+    first = token_log_loss_terms(terms, 0.0)[1][i]
+    assert first.item() == pytest.approx((f[terms["index"][i]] - (p * f).sum()).item())
+    assert human_gap({**terms, "index": torch.full_like(terms["index"], -1)})["in_top_fraction"] == 0.0
 
 
 def test_lookahead_with_a_temperature_samples_q_to_the_power_one_over_t(tiny):

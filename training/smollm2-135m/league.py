@@ -11,7 +11,9 @@ Every figure is read from a committed result that a command in the README wrote 
   first derivative of the human log loss in F's weight at 0, so an F that predicts none of it gets no weight);
 - the log-loss-fitted weight alpha of F over the top 16 candidates, with its window-clustered standard error, and
   the eval-side log-loss change at that alpha (`calibrated-sampling lookahead-fit`, 24 fit / 24 eval windows x
-  256 tokens; results/lookahead-fit/{text}-{name}.json), on pydoc and Jane Austen;
+  256 tokens; results/lookahead-fit/{text}-{name}.json), on pydoc, Jane Austen and the standard library's code;
+- why a text rewards the exact one-step F: the human gap at alpha = 0 that `lookahead-fit` records per side
+  (lookahead_fit.human_gap), beside the one-step lookahead at EntCE 0 from each text's equal-entropy run;
 - tokens per second against plain sampling at batch 1 and 16 (benchmarks/future_cost.py --out);
 - and, in a second table, each F against the judge (`calibrated-sampling judge`, results/judge/judge.json):
   within-context correlation with held-out rollout targets at 16 and 64 steps, its share of the judge's
@@ -36,7 +38,12 @@ ROWS = (
      "lookahead-value:heads/smollm2-135m-value:alpha=fit"),
     ("exact two-step, top 8 x 8", "two-step", None, "lookahead2:", "lookahead2:alpha=fit:top2=8"),
 )
-TEXTS = ("pydoc", "austen")
+TEXTS = ("pydoc", "austen", "stdlib-code")
+# the equal-entropy run of the exact one-step lookahead (pydoc's alpha 0.1005, its own temperature) on each text
+LOOKAHEAD_RUNS = {"pydoc": ("schedules-pydoc-256", "64 prompts x 256"),
+                  "austen": ("lookahead-austen-512", "32 prompts x 512"),
+                  "stdlib-code": ("lookahead-stdlib-code-256", "32 prompts x 256")}
+ONE_STEP_AT_ZERO = "lookahead:alpha=0.1005:top=16 + temperature"
 
 
 def read(path: Path) -> dict | None:
@@ -73,6 +80,38 @@ def cost_cells(cost: dict | None, prefix: str) -> str:
         return ""
     ratios = {row["batch_size"]: row["ratio"] for row in cost["rows"] if row["key"].startswith(prefix)}
     return " / ".join(f"{ratios[b]:.2f}" for b in sorted(ratios))
+
+
+def why_table(root: Path) -> str:
+    """Why a text rewards the exact one-step F or not: the human gap at alpha = 0 on the fit side (lookahead_fit.
+    human_gap: how often the human token is among the top 16, how much less next-step entropy it leads to than
+    p's average candidate there, how spread F is), beside what the log-loss fit and the equal-entropy run made of it."""
+    header = ["text", "human token in the top 16", "F(human) - E_p F there", "Var_p F there", "alpha ± s.e.",
+              "eval log-loss change", "at EntCE 0: Δ vs temperature (the lookahead's log-loss price over the base, as a share of temperature's)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for text in TEXTS:
+        fit = read(root / "lookahead-fit" / f"{text}-onestep.json")
+        if fit is None or "human_gap" not in fit["fit"]:
+            lines.append(f"| {text} | not measured |" + " |" * (len(header) - 2))
+            continue
+        gap = fit["fit"]["human_gap"]
+        alpha, held = fit_cells(fit)
+        folder, size = LOOKAHEAD_RUNS[text]
+        matched = read(root / folder / "equal_entropy.json")
+        measured = read(root / folder / "results.json")
+        row = (matched or {}).get("rows", {}).get(ONE_STEP_AT_ZERO)
+        at_zero = "not measured"
+        if row is not None and measured is not None:
+            price = matched["rows"]["temperature"]["log_loss"] - measured["samplers"]["base"]["log_loss"]
+            at_zero = (f"{row['paired_difference']:+.4f} ± {row['paired_stderr']:.4f} "
+                       f"({(price + row['paired_difference']) / price:.0%}), {size}")
+        lines.append(f"| {text} | {gap['in_top_fraction']:.0%} | {gap['gap']:+.4f} ± {gap['gap_stderr']:.4f} | "
+                     f"{gap['spread']:.3f} | {alpha} | {held} | {at_zero} |")
+    return "\n".join(lines) + (
+        "\n\nwhy: the human gap at alpha = 0 on the fit side (24 windows x 256 tokens), F the exact one-step entropy;"
+        " the log loss's slope in alpha at 0 is the first share times the gap, its curvature the share times Var_p F,"
+        " so alpha ~ -gap / Var_p F. Δ at EntCE 0: the one-step lookahead at pydoc's alpha 0.1005 with its own"
+        " temperature against temperature, paired, from the README's equal-entropy runs")
 
 
 def judge_table(judge: dict | None) -> str:
@@ -130,7 +169,8 @@ def main() -> None:
     notes = ["* the shipped head's shape, read through the same calibrator path: its cost is the shipped head's"]
     if cost:
         notes.append(f"cost: {cost['machine']}, {cost['max_new_tokens']} new tokens, median of {cost['repeats']} pairs")
-    table += "\n\n" + "\n\n".join(notes) + "\n\n" + judge_table(read(Path(args.judge)))
+    table += ("\n\n" + "\n\n".join(notes) + "\n\n" + why_table(root) + "\n\n"
+              + judge_table(read(Path(args.judge))))
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
