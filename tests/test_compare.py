@@ -11,8 +11,13 @@ from calibrated_sampling.cli import main
 from calibrated_sampling.compare import Comparison, Preset, find_root, reuse_decoder_pass, run_comparison
 from calibrated_sampling.data import Window, batch_windows
 from calibrated_sampling.lookahead import parse_lookahead
-from calibrated_sampling.lookahead_fit import (fit_alpha, human_gap, lookahead_log_loss, lookahead_loss_terms,
-                                              token_log_loss_terms)
+from calibrated_sampling.lookahead_fit import (
+    fit_alpha,
+    human_gap,
+    lookahead_log_loss,
+    lookahead_loss_terms,
+    token_log_loss_terms,
+)
 from calibrated_sampling.mauve import compute_mauve, text_features
 from calibrated_sampling.measure import measure, teacher_forced
 from calibrated_sampling.metrics import entropy
