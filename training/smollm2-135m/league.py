@@ -101,10 +101,11 @@ def why_table(root: Path) -> str:
         measured = read(root / folder / "results.json")
         row = (matched or {}).get("rows", {}).get(ONE_STEP_AT_ZERO)
         at_zero = "not measured"
-        if row is not None and measured is not None:
-            price = matched["rows"]["temperature"]["log_loss"] - measured["samplers"]["base"]["log_loss"]
-            at_zero = (f"{row['paired_difference']:+.4f} ± {row['paired_stderr']:.4f} "
-                       f"({(price + row['paired_difference']) / price:.0%}), {size}")
+        if row is not None:
+            base = (measured or {}).get("samplers", {}).get("base")
+            price = None if base is None else matched["rows"]["temperature"]["log_loss"] - base["log_loss"]
+            share = "no base measured" if price is None else f"{(price + row['paired_difference']) / price:.0%}"
+            at_zero = f"{row['paired_difference']:+.4f} ± {row['paired_stderr']:.4f} ({share}), {size}"
         lines.append(f"| {text} | {gap['in_top_fraction']:.0%} | {gap['gap']:+.4f} ± {gap['gap_stderr']:.4f} | "
                      f"{gap['spread']:.3f} | {alpha} | {held} | {at_zero} |")
     return "\n".join(lines) + (
