@@ -87,7 +87,7 @@ def why_table(root: Path) -> str:
     human_gap: how often the human token is among the top 16, how much less next-step entropy it leads to than
     p's average candidate there, how spread F is), beside what the log-loss fit and the equal-entropy run made of it."""
     header = ["text", "human token in the top 16", "F(human) - E_p F there", "Var_p F there", "alpha ± s.e.",
-              "eval log-loss change", "at EntCE 0: Δ vs temperature (the lookahead's log-loss price over the base, as a share of temperature's)"]
+              "eval log-loss change", "at EntCE 0: Δ vs temperature (price / temperature's)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for text in TEXTS:
         fit = read(root / "lookahead-fit" / f"{text}-onestep.json")
@@ -110,9 +110,10 @@ def why_table(root: Path) -> str:
                      f"{gap['spread']:.3f} | {alpha} | {held} | {at_zero} |")
     return "\n".join(lines) + (
         "\n\nwhy: the human gap at alpha = 0 on the fit side (24 windows x 256 tokens), F the exact one-step entropy;"
-        " the log loss's slope in alpha at 0 is the first share times the gap, its curvature the share times Var_p F,"
+        " the log loss's slope in alpha at 0 is the share times the gap, its curvature the share times Var_p F,"
         " so alpha ~ -gap / Var_p F. Δ at EntCE 0: the one-step lookahead at pydoc's alpha 0.1005 with its own"
-        " temperature against temperature, paired, from the README's equal-entropy runs")
+        " temperature against temperature, paired, from the README's equal-entropy runs; price / temperature's: the"
+        " lookahead's log-loss price over the base as a share of temperature's")
 
 
 def judge_table(judge: dict | None) -> str:
