@@ -180,6 +180,13 @@ def test_human_gap_is_the_log_loss_slope_at_zero_per_covered_token(tiny):
     p, f = terms["logp"][i].softmax(-1), terms["entropy"][i]
     first = token_log_loss_terms(terms, 0.0)[1][i]
     assert first.item() == pytest.approx((f[terms["index"][i]] - (p * f).sum()).item())
+    # the standard error clusters by window: deviations summed within a window, then across the G windows
+    inside = terms["index"] >= 0
+    deviations = token_log_loss_terms(terms, 0.0)[1][inside] - gap["gap"]
+    windows = terms["window"][inside]
+    sums = torch.stack([deviations[windows == w].sum() for w in windows.unique()])
+    g = len(sums)
+    assert gap["gap_stderr"] == pytest.approx((g / (g - 1) * (sums ** 2).sum()).sqrt().item() / len(deviations))
     assert human_gap({**terms, "index": torch.full_like(terms["index"], -1)})["in_top_fraction"] == 0.0
 
 
