@@ -126,19 +126,26 @@ def token_log_loss_terms(terms: dict[str, torch.Tensor], alpha: float) -> tuple[
     return loss, gradient, curvature
 
 
+def clustered_meat(values: torch.Tensor, cluster: torch.Tensor) -> tuple[float, int]:
+    """G / (G - 1) * sum_w (sum of ``values`` in cluster w)^2 and the number of clusters G (inf for G < 2): the
+    variance of a sum of per-token terms whose tokens are correlated within a cluster (a window shares its text)."""
+    _, group = torch.unique(cluster, return_inverse=True)
+    clusters = int(group.max()) + 1 if len(group) else 0
+    if clusters < 2:
+        return math.inf, clusters
+    sums = torch.zeros(clusters, dtype=values.dtype).index_add_(0, group, values)  # (G,) per cluster
+    return clusters / (clusters - 1) * (sums ** 2).sum().item(), clusters
+
+
 def alpha_stderr(terms: dict[str, torch.Tensor], alpha: float) -> dict:
     """The standard error of a fitted alpha (module docstring): ``stderr`` (sandwich, clustered by the
     terms' ``window``; by token where the terms hold no windows), ``stderr_model`` (1 / sqrt(sum_i c_i))
     and the number of ``clusters``."""
     _, gradient, curvature = token_log_loss_terms(terms, alpha)
-    cluster = terms.get("window", torch.arange(len(gradient)))
-    _, group = torch.unique(cluster, return_inverse=True)
-    clusters = int(group.max()) + 1 if len(group) else 0
-    sums = torch.zeros(clusters, dtype=gradient.dtype).index_add_(0, group, gradient)  # (G,) per window
+    meat, clusters = clustered_meat(gradient, terms.get("window", torch.arange(len(gradient))))
     information = curvature.sum().item()
     if clusters < 2 or information <= 0:  # one window, or F equal over every token's candidates
         return {"stderr": math.inf, "stderr_model": math.inf, "clusters": clusters}
-    meat = clusters / (clusters - 1) * (sums ** 2).sum().item()
     return {"stderr": math.sqrt(meat) / information, "stderr_model": 1 / math.sqrt(information),
             "clusters": clusters}
 
@@ -157,11 +164,8 @@ def human_gap(terms: dict[str, torch.Tensor]) -> dict:
     if n == 0:  # no human token among the candidates: F cannot move the log loss at all
         return {"in_top_fraction": 0.0, "gap": math.nan, "gap_stderr": math.nan, "spread": math.nan}
     mean = gap.mean()
-    _, group = torch.unique(terms["window"][inside], return_inverse=True)
-    clusters = int(group.max()) + 1
-    sums = torch.zeros(clusters, dtype=gap.dtype).index_add_(0, group, gap - mean)  # tokens of a window share text
-    stderr = math.sqrt(clusters / (clusters - 1) * (sums ** 2).sum().item()) / n if clusters > 1 else math.inf
-    return {"in_top_fraction": n / len(inside), "gap": mean.item(), "gap_stderr": stderr,
+    meat, _ = clustered_meat(gap - mean, terms["window"][inside])
+    return {"in_top_fraction": n / len(inside), "gap": mean.item(), "gap_stderr": math.sqrt(meat) / n,
             "spread": spread.mean().item()}
 
 
