@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -248,6 +249,15 @@ def _check_fit_args(args) -> None:
         if args.lookahead_top < 2:
             raise ValueError(f"`--lookahead-top` must be at least 2 (with one candidate F is constant), but is "
                              f"{args.lookahead_top}")
+    if args.objective != "entropy" and (args.f_weight is not None or args.start is not None):
+        raise ValueError(f"`--f-weight` {args.f_weight} and `--start` {args.start} belong to --objective entropy")
+    if args.f_weight is not None:
+        if args.head is None and args.lookahead_top is None:
+            raise ValueError(f"`--f-weight` {args.f_weight} weights F: give --head or --lookahead-top")
+        if not 0 <= args.f_weight < math.inf:
+            raise ValueError(f"`--f-weight` must be a finite number of at least 0, but is {args.f_weight}")
+    if args.start is not None and not Path(args.start).is_file():
+        raise FileNotFoundError(f"`--start` {args.start!r} is not a schedule file")
     if args.objective == "entropy":
         if not args.out or not args.out.endswith(".json"):
             raise ValueError(f"`--objective entropy` writes a schedule file: `--out` must name a .json file, but is "
@@ -288,9 +298,17 @@ def _fit_entropy(args) -> int:
     rounds = Path(args.out).with_suffix(".rounds.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     future = ("lookahead", args.lookahead_top) if args.lookahead_top else args.head or "none"
+    start_a = None
+    if args.start is not None:  # another schedule's a_j (same model and T) start the rounds
+        start = load_schedule(args.start, model, tokenizer, args.max_new_tokens)
+        if start.bin_size != args.bin_size:
+            raise ValueError(f"`--start` {args.start} has {start.bin_size}-step bins, but `--bin-size` is "
+                             f"{args.bin_size}")
+        start_a = list(start.a)
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=args.max_new_tokens, bin_size=args.bin_size,
                               future=future, batch_size=args.batch_size, seed=args.seed,
-                              max_rounds=args.max_rounds, checkpoint=rounds)
+                              max_rounds=args.max_rounds, checkpoint=rounds, f_weight=args.f_weight,
+                              start_a=start_a)
     fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=common.machine(),
                          version=__version__)
     report = fit["report"]
@@ -481,6 +499,11 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--max-rounds", type=int, default=8,
                    help="entropy: rounds of sampling the fit prompts before the fit gives up (and writes nothing)")
     p.add_argument("--seed", type=int, default=0, help="entropy: seed of the fit's generations (the same every round)")
+    p.add_argument("--f-weight", type=float, default=None,
+                   help="entropy: hold F's weight b at this value in every bin and match only the a_j (e.g. the "
+                        "alpha of `lookahead-fit`); default: b fitted per bin")
+    p.add_argument("--start", default=None,
+                   help="entropy: a schedule file (same model, T and bin size) whose a_j start the rounds")
     p.set_defaults(func=cmd_fit)
 
 

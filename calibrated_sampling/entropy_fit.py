@@ -377,7 +377,8 @@ def _future_record(future) -> tuple[str, object]:
 def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int = 32,
                         future="none", batch_size: int = 8, seed: int = 0, max_rounds: int = 8,
                         multipliers: Sequence[float] | float = DEFAULT_MULTIPLIERS, progress: bool = True,
-                        checkpoint: str | os.PathLike | None = None) -> dict:
+                        checkpoint: str | os.PathLike | None = None, f_weight: float | None = None,
+                        start_a: Sequence[float] | None = None) -> dict:
     """Fit a schedule whose every bin is calibrated on ``windows`` (the fit split), at the lowest log loss.
 
     Args:
@@ -392,6 +393,12 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         checkpoint: a JSON file written after every round (the schedule to measure next and the history);
             a fit started again with the same model, windows and settings resumes from it. Each round
             samples every fit prompt, minutes at real sizes, so an interruption costs one round at most.
+        f_weight: F's weight b held fixed, the same in every bin, with only the a_j matched (None: b_j
+            fitted per bin and scaled by the multiplier search). A per-bin b reaches forward into later
+            bins' states, and 24-32 fit prompts pin it down too loosely held out (README, *The lookahead's
+            entropy-matched schedule*); one weight fitted to log loss elsewhere (``lookahead-fit``) does not.
+        start_a: the a_j of the first round (default all 1), e.g. a per-step temperature schedule's: each
+            round samples every fit prompt, and a start near the answer saves rounds.
 
     Returns ``{"objective": "entropy", "form": "untied", "max_new_tokens", "bin_size", "a", "b", "future":
     {"kind": ...}, "report": {...}}``; the report holds ``converged``, ``rounds``, ``seconds``,
@@ -406,6 +413,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         raise ValueError("`windows` is empty: nothing to fit on")
     windows = cut_windows(windows, max_new_tokens, "windows")
     kind, what = _future_record(future)
+    num_bins, prompts = math.ceil(max_new_tokens / bin_size), len(windows)
+    a, b = _first_weights(kind, num_bins, f_weight, start_a)
     head, record, top = None, {"kind": "none"}, None
     if kind == "head":
         head = FutureEntropyHead.from_pretrained(what, model, tokenizer).eval()
@@ -413,7 +422,6 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     elif kind == "lookahead":
         top, record = what, {"kind": "lookahead", "top": what}
     started = time.perf_counter()
-    num_bins, prompts = math.ceil(max_new_tokens / bin_size), len(windows)
     pad_id = pad_token_id(tokenizer)
     settings = {"max_new_tokens": max_new_tokens, "bin_size": bin_size, "pad_id": pad_id, "batch_size": batch_size}
     # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit.
@@ -423,19 +431,19 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     def human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
         return bin_means(human_sums(chunks, ab, prompts, keys))
 
-    a = torch.ones(num_bins, dtype=torch.float64)
-    b = torch.zeros(num_bins, dtype=torch.float64)
-    base_loss = None
+    # The base model's fit-side log loss (a = 1, b = 0), whatever the first round starts from.
+    base = human(torch.stack([torch.ones(num_bins), torch.zeros(num_bins)], -1).double()[:, None], keys=LOSS_KEYS)
+    base_loss = float((base["loss"][:, 0] * base["tokens"][:, 0]).sum() / base["tokens"][:, 0].sum())
     history, multiplier, converged, generated = [], 0.0, False, 0
     identity = {"model": {**model_fingerprint(model), "weights": weights_digest(model)},
                 "tokenizer": tokenizer_fingerprint(tokenizer), "windows": windows_digest(windows), "future": record,
                 "seed": seed, "multipliers": multipliers if isinstance(multipliers, (int, float)) else list(multipliers),
-                **settings}
+                **settings, **({} if f_weight is None else {"f_weight": f_weight}),
+                **({} if start_a is None else {"start_a": a.tolist()})}
     resumed = _read_checkpoint(checkpoint, identity)
     if resumed is not None:
         a, b = torch.tensor(resumed["a"], dtype=torch.float64), torch.tensor(resumed["b"], dtype=torch.float64)
         history, multiplier, generated = resumed["history"], resumed["multiplier"], resumed["generated_tokens"]
-        base_loss = history[0]["log_loss"]
         started -= resumed["seconds"]
     first = len(history) + 1
     last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
@@ -445,8 +453,6 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         generated += int(gen[..., 0].sum())  # steps of rows still running (EOS ends a row early)
         tf = human_sums(chunks, torch.stack([a, b], -1)[:, None], prompts)  # per prompt: standard errors
         bins = _bin_report(gen, tf, a, b, bin_size, max_new_tokens)
-        if base_loss is None:
-            base_loss = bins["summary"]["log_loss"]
         gap, stderr = torch.tensor(bins["gap"]), torch.tensor(bins["gap_stderr"])
         history.append({"round": round_, "a": a.tolist(), "b": b.tolist(), "multiplier": multiplier,
                         "gap": bins["gap"], "gap_stderr": bins["gap_stderr"], **bins["summary"]})
@@ -459,7 +465,9 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         count = gen[..., 0].sum(0).clamp(min=1)
         gen_means = {"entropy": gen[..., 1].sum(0) / count, "dh_da": gen[..., 2].sum(0) / count,
                      "dh_db": gen[..., 3].sum(0) / count}
-        update = match_update(a, b, gen_means, human, use_future=kind != "none", multipliers=multipliers,
+        # A fixed F weight leaves only the a_j to match: the per-step temperature update, b carried along.
+        update = match_update(a, b, gen_means, human, use_future=kind != "none" and f_weight is None,
+                              multipliers=multipliers,
                               measured_slope=_secant_slope(history))
         if checkpoint is not None:  # the next schedule to measure: a rerun with more rounds starts there
             write_atomic(checkpoint, json.dumps({"identity": identity, "a": update["a"].tolist(),
@@ -470,12 +478,30 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
             break  # the result stays the schedule that was measured, never an unmeasured update
         a, b, multiplier = update["a"], update["b"], update["multiplier"]
     report = {"converged": converged, "rounds": len(history), "seconds": time.perf_counter() - started,
-              "generated_tokens": generated,
+              "generated_tokens": generated, "f_weight": f_weight,
               "multiplier": multiplier, "num_windows": len(windows), "seed": seed,
               "log_loss_base": base_loss, **bins["summary"],
               "bins": bins["rows"], "history": history}
     return {"objective": "entropy", **schedule_calibration(a, b, max_new_tokens, bin_size), "future": record,
             "report": report}
+
+
+def _first_weights(kind: str, num_bins: int, f_weight, start_a) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of the first round, from ``start_a`` (default 1) and ``f_weight`` (default 0), checked."""
+    if f_weight is not None:
+        if kind == "none":
+            raise ValueError(f"`f_weight` {f_weight!r} weights F, but the fit has none: give a head or the lookahead")
+        if isinstance(f_weight, bool) or not isinstance(f_weight, (int, float)) or not 0 <= f_weight < math.inf:
+            raise ValueError(f"`f_weight` must be a finite number of at least 0, but is {f_weight!r}")
+    a = torch.ones(num_bins, dtype=torch.float64)
+    if start_a is not None:
+        values = list(start_a) if isinstance(start_a, Iterable) and not isinstance(start_a, (str, bytes)) else None
+        if values is None or len(values) != num_bins or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and MIN_A <= x < math.inf for x in values):
+            raise ValueError(f"`start_a` must be {num_bins} numbers (one per bin), each at least {MIN_A}, but is "
+                             f"{start_a!r}")
+        a = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    return a, torch.full((num_bins,), float(f_weight or 0.0), dtype=torch.float64)
 
 
 def _secant_slope(history: list[dict]) -> torch.Tensor | None:

@@ -192,6 +192,26 @@ def test_lm_fit_with_the_lookahead(lm, tmp_path):
     assert math.isfinite(result["log_loss"]) and result["gen_entropy"] > 0
 
 
+def test_lm_fit_with_a_fixed_f_weight_matches_only_a(lm):
+    """--f-weight: F's weight stays where it was put, in every bin and round, and only the a_j are matched;
+    --start: the first round samples the given a_j, and the base log loss is still the base model's."""
+    model, tokenizer, windows = lm
+    settings = dict(max_new_tokens=STEPS, bin_size=4, batch_size=6, max_rounds=8, progress=False)
+    plain = fit_entropy_matched(model, tokenizer, windows, **settings)
+    fixed = fit_entropy_matched(model, tokenizer, windows, future=("lookahead", 4), f_weight=3.0,
+                                start_a=plain["a"], **settings)
+    report = fixed["report"]
+    assert report["converged"] and report["f_weight"] == 3.0 and fixed["b"] == [3.0, 3.0, 3.0]
+    assert report["rounds"] > 1 and all(row["b"] == [3.0, 3.0, 3.0] for row in report["history"])
+    assert report["history"][0]["a"] == pytest.approx(plain["a"])
+    assert report["log_loss_base"] == pytest.approx(plain["report"]["log_loss_base"])
+    assert report["log_loss_base"] == pytest.approx(plain["report"]["history"][0]["log_loss"])
+    for row in report["bins"]:
+        assert abs(row["gap"]) <= row["gap_stderr"]
+    # F removes entropy, so the matched a_j are lower than the temperature schedule's (softer log p).
+    assert sum(fixed["a"]) < sum(plain["a"])
+
+
 def test_lm_fit_that_runs_out_of_rounds_says_so(lm):
     model, tokenizer, windows = lm
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
@@ -210,6 +230,14 @@ def test_lm_fit_bad_arguments(lm):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, max_rounds=0)
     with pytest.raises(ValueError, match="only"):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS + 1)
+    with pytest.raises(ValueError, match="`f_weight` 0.1 weights F, but the fit has none"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, f_weight=0.1)
+    with pytest.raises(ValueError, match="`f_weight` must be a finite number of at least 0, but is -1"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, future=("lookahead", 4), f_weight=-1)
+    with pytest.raises(ValueError, match=r"`start_a` must be 3 numbers \(one per bin\), each at least 0.05, but is \[1.0\]"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, start_a=[1.0])
+    with pytest.raises(ValueError, match="`start_a` must be 3 numbers"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, start_a=[1.0, 0.0, 1.0])
 
 
 def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
@@ -257,6 +285,20 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
     assert "`--lookahead-top` must be at least 2 (with one candidate F is constant), but is 1" in capsys.readouterr().err
     assert main([*fit_args, "--lookahead-top", "4", "--objective", "log-loss", "--head", str(tmp_path)]) == 2
     assert "goes with --objective entropy and without --head" in capsys.readouterr().err
+    assert main([*fit_args, "--f-weight", "0.1"]) == 2
+    assert "`--f-weight` 0.1 weights F: give --head or --lookahead-top" in capsys.readouterr().err
+    assert main([*fit_args, "--lookahead-top", "4", "--f-weight", "nan"]) == 2
+    assert "`--f-weight` must be a finite number of at least 0, but is nan" in capsys.readouterr().err
+    assert main([*fit_args, "--start", str(tmp_path / "missing.json")]) == 2
+    assert "is not a schedule file" in capsys.readouterr().err
+    # --start: another schedule's a_j start the rounds, refused where its bins differ.
+    restarted = tmp_path / "restarted.json"
+    assert main([*fit_args[:-2], "--start", str(schedule_file), "--out", str(restarted)]) == 0
+    capsys.readouterr()
+    first = json.loads(restarted.read_text())["report"]["history"][0]
+    assert first["a"] == pytest.approx(record["a"])
+    assert main([*fit_args[:-2], "--bin-size", "8", "--start", str(schedule_file), "--out", str(tmp_path / "b.json")]) == 2
+    assert "has 4-step bins, but `--bin-size` is 8" in capsys.readouterr().err
     # A schedule is measured at its own length only.
     assert main(["measure", *common[:-4], "--max-new-tokens", "6", "--batch-size", "4", "--split", "fit",
                  "--num-prompts", "6", "--samplers", f"schedule:{schedule_file}",
