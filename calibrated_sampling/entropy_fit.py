@@ -425,7 +425,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     pad_id = pad_token_id(tokenizer)
     settings = {"max_new_tokens": max_new_tokens, "bin_size": bin_size, "pad_id": pad_id, "batch_size": batch_size}
     # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit.
-    lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size)
+    lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size, progress)
     chunks = _human_chunks(model, head, windows, progress=progress, lookahead=lookahead, **settings)
 
     def human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:

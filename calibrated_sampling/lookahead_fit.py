@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from .data import Window
@@ -56,14 +57,16 @@ class _Recorder(LookaheadSampler):
 
 
 def candidate_rows(model: PreTrainedModel, tokenizer, windows: list[Window], top: int,
-                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int = 8, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-C candidates of p (rows, C) and their next-step entropies (rows, C) at every continuation
     token of ``windows``, rows window-major (window w's step t is row w * T + t)."""
     pad_id = pad_token_id(tokenizer)
     recorder = _Recorder(model, top, keep_logp=False)
     candidates, entropies = [], []
     with recorder.attach(model):
-        for start in range(0, len(windows), batch_size):
+        # C + 1 tokens per row: minutes on a CPU at a fit's size, so it shows its progress
+        for start in tqdm(range(0, len(windows), batch_size), desc="lookahead pass", unit="batch",
+                          disable=not progress):
             recorder.steps.clear()
             teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
             candidates.append(torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu())  # (B * T, C)

@@ -70,12 +70,17 @@ def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
         return RANK.index(kind) if kind in RANK else len(RANK), matched_setting(spec, matches)
     path = Path(spec.removeprefix("schedule:"))
     try:
-        future = json.loads(path.read_text())["future"]
+        record = json.loads(path.read_text())
+        future = record["future"]
     except (OSError, KeyError, ValueError):
         return len(RANK), path.name  # the file moved: its name is all there is
     if future["kind"] not in SCHEDULE_NAMES:
         return len(RANK), path.name
-    return RANK.index(future["kind"]), SCHEDULE_NAMES[future["kind"]].format(**future)
+    name = SCHEDULE_NAMES[future["kind"]].format(**future)
+    weight = record.get("report", {}).get("f_weight")  # fit --f-weight: one b in every bin, only a_j matched
+    if weight is not None:
+        name = f"{name.removesuffix(')')}, its weight fixed at {weight:g})"
+    return RANK.index(future["kind"]), name
 
 
 def cells(row: dict, reference: str) -> list[str]:
