@@ -313,8 +313,13 @@ def _fit_entropy(args) -> int:
                          version=__version__)
     report = fit["report"]
     print(f"{report['rounds']} rounds, {report['generated_tokens']} generated tokens, {report['seconds']:.0f} s; "
-          f"fit-side log loss {report['log_loss_base']:.4f} -> {report['log_loss']:.4f}, multiplier of F "
-          f"{report['multiplier']:g}")
+          f"fit-side log loss {report['log_loss_base']:.4f} -> {report['log_loss']:.4f}, "
+          + (f"F's weight fixed at {report['f_weight']:g}" if report.get("f_weight") is not None
+             else f"multiplier of F {report['multiplier']:g}"))
+    if report.get("unreachable"):
+        print(f"calibrated-sampling fit: the fit cannot converge: {report['unreachable']}; nothing written.",
+              file=sys.stderr)
+        return 1
     if not report["converged"]:
         gaps = ", ".join(f"{row['gap']:+.3f} ± {row['gap_stderr']:.3f}" for row in report["bins"])
         print(f"calibrated-sampling fit: the fit did not converge in {args.max_rounds} rounds (per-bin gaps {gaps}); "

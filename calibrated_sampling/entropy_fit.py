@@ -401,7 +401,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
             round samples every fit prompt, and a start near the answer saves rounds.
 
     Returns ``{"objective": "entropy", "form": "untied", "max_new_tokens", "bin_size", "a", "b", "future":
-    {"kind": ...}, "report": {...}}``; the report holds ``converged``, ``rounds``, ``seconds``,
+    {"kind": ...}, "report": {...}}``; the report holds ``converged``, ``unreachable`` (None, or why more
+    rounds cannot help: a bin needs more entropy than the smallest a gives), ``rounds``, ``seconds``,
     ``generated_tokens``, ``multiplier``, per-bin ``bins`` (generation entropy, log loss, gap and its
     standard error over prompts) and ``history`` (every round's schedule and gaps).
     """
@@ -447,6 +448,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         started -= resumed["seconds"]
     first = len(history) + 1
     last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
+    unreachable = None
     for round_ in range(first, last + 1):
         gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, lookahead_top=top,
                               **settings)
@@ -469,6 +471,15 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         update = match_update(a, b, gen_means, human, use_future=kind != "none" and f_weight is None,
                               multipliers=multipliers,
                               measured_slope=_secant_slope(history))
+        # A bin that needs more entropy at the floor of a and would stay there cannot be matched by more rounds:
+        # F at its weight removes more entropy than a can give back (seen with a fixed F weight). Stop and say so.
+        floor = ~within_error(gap, stderr) & (gap < 0) & (a <= MIN_A) & (update["a"] <= MIN_A)
+        if floor.any():
+            stuck = ", ".join(f"bin {j} ({gap[j]:+.3f} ± {stderr[j]:.3f})" for j in floor.nonzero()[:, 0].tolist())
+            unreachable = (f"{stuck} needs more entropy than the smallest a, {MIN_A}, gives"
+                           + (f": F's weight {f_weight:g} removes more than the temperature part can restore"
+                              if f_weight is not None else ""))
+            break
         if checkpoint is not None:  # the next schedule to measure: a rerun with more rounds starts there
             write_atomic(checkpoint, json.dumps({"identity": identity, "a": update["a"].tolist(),
                                                  "b": update["b"].tolist(), "multiplier": update["multiplier"],
@@ -477,7 +488,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         if round_ == last:
             break  # the result stays the schedule that was measured, never an unmeasured update
         a, b, multiplier = update["a"], update["b"], update["multiplier"]
-    report = {"converged": converged, "rounds": len(history), "seconds": time.perf_counter() - started,
+    report = {"converged": converged, "unreachable": unreachable, "rounds": len(history),
+              "seconds": time.perf_counter() - started,
               "generated_tokens": generated, "f_weight": f_weight,
               "multiplier": multiplier, "num_windows": len(windows), "seed": seed,
               "log_loss_base": base_loss, **bins["summary"],

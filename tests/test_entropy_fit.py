@@ -299,6 +299,15 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
     assert first["a"] == pytest.approx(record["a"])
     assert main([*fit_args[:-2], "--bin-size", "8", "--start", str(schedule_file), "--out", str(tmp_path / "b.json")]) == 2
     assert "has 4-step bins, but `--bin-size` is 8" in capsys.readouterr().err
+    # --f-weight with the lookahead's F: this near-uniform model needs a near its floor already (the temperature
+    # schedule's a_j are 0.05-0.13), so a fixed weight leaves a bin short of entropy at the smallest a, which more
+    # rounds cannot fix. The fit stops at once, says why, and writes nothing; its summary names the fixed weight.
+    assert main([*fit_args[:-2], "--lookahead-top", "4", "--f-weight", "0.5", "--start", str(schedule_file),
+                 "--out", str(tmp_path / "heavy.json")]) == 1
+    out, err = capsys.readouterr()
+    assert "F's weight fixed at 0.5" in out and "multiplier" not in out
+    assert "the fit cannot converge: bin" in err and "F's weight 0.5 removes more" in err
+    assert "round 3:" not in out and not (tmp_path / "heavy.json").exists()
     # A schedule is measured at its own length only.
     assert main(["measure", *common[:-4], "--max-new-tokens", "6", "--batch-size", "4", "--split", "fit",
                  "--num-prompts", "6", "--samplers", f"schedule:{schedule_file}",

@@ -23,20 +23,24 @@ def test_headline_reads_the_bracket_and_every_schedule(tmp_path):
     rows = json.loads((tmp_path / "schedules-pydoc-256" / "equal_entropy.json").read_text())["rows"]
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     # header, then temperature (the reference) and min-p, the methods with their own temperature (the distilled
-    # head's F at a fixed weight, the lookahead), then the two schedules: F = none before the head's
+    # head's F at a fixed weight, the lookahead), then the schedules: F = none, the head's, the lookahead's (its
+    # weight held fixed by fit --f-weight, which its name says)
     assert [line.split(" | ")[1] for line in lines[1:]] == [
         "temperature 0.9 / 0.91, interpolated (≈ 0.905)", "min-p 0.0005628 / 0.0006973, interpolated (≈ 0.000569)",
         "head's F at a fixed weight (smollm2-135m-distilled, alpha 0.1005) + temperature 0.9 / 0.91, "
         "interpolated (≈ 0.906)",
         "lookahead (F: exact one-step, alpha 0.1005, top 16) + temperature 0.92 / 0.93, interpolated (≈ 0.926)",
-        "per-step temperature schedule", "the head's schedule (F: shipped head)"]
+        "per-step temperature schedule", "the head's schedule (F: shipped head)",
+        "the lookahead's schedule (F: exact one-step, top 16, its weight fixed at 0.1005)"]
     lookahead = rows["lookahead:alpha=0.1005:top=16 + temperature"]
     assert f"{lookahead['paired_difference']:+.4f} ± {lookahead['paired_stderr']:.4f}" in lines[4]
     distilled = rows["calibrated:heads/smollm2-135m-distilled:scale=1:fused=auto:past=error:alpha=0.1005 + temperature"]
     assert f"{distilled['paired_difference']:+.4f} ± {distilled['paired_stderr']:.4f}" in lines[3]
     head = rows["schedule:schedules/smollm2-135m-pydoc-256-head.json"]
-    assert f"{head['paired_difference']:+.4f} ± {head['paired_stderr']:.4f}" in lines[-1]
-    assert f"{head['entce']:+.3f} ± {head['entce_stderr']:.3f}" in lines[-1]
+    assert f"{head['paired_difference']:+.4f} ± {head['paired_stderr']:.4f}" in lines[-2]
+    assert f"{head['entce']:+.3f} ± {head['entce_stderr']:.3f}" in lines[-2]
+    fixed = rows["schedule:schedules/smollm2-135m-pydoc-256-lookahead-alpha.json"]
+    assert f"{fixed['paired_difference']:+.4f} ± {fixed['paired_stderr']:.4f}" in lines[-1]
     assert "0 (the reference)" in lines[1] and "0 (the reference)" not in lines[2]
     assert "†" in lines[2] and "†" not in lines[3]  # min-p's log loss is the smoothed one
 

@@ -44,7 +44,9 @@
 #    calibrated:heads/smollm2-135m-distilled:alpha=0.1005:temperature=T added to the pydoc-128 run (T 0.91, 0.93;
 #    alpha=0.3 at 0.91, 0.93), to the pydoc-256 run (T 0.9, 0.91) and to the Austen measure run above (T 0.96, 0.97,
 #    0.98))
-# FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8);
+# FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8;
+# lookahead-alpha: the same F with its weight held at F_WEIGHT in every bin and only the a_j matched, the rounds
+# starting from START, by default the temperature schedule's a_j, so list temperature first);
 # TEMPERATURE: the samplers measured beside them, two of them on
 # either side of EntCE 0 so that `measure` reads the schedules against temperature at EntCE 0; BASE= leaves
 # the base sampler out. Each fit keeps its rounds beside its output (*.rounds.json) and each measurement its
@@ -65,7 +67,10 @@ for kind in $FITS; do
     temperature) [ -f "$schedule" ] || calibrated-sampling fit $FIT --out "$schedule" ;;
     head) [ -f "$schedule" ] || calibrated-sampling fit $FIT --head "$HEAD" --out "$schedule" ;;
     lookahead) [ -f "$schedule" ] || calibrated-sampling fit $FIT --lookahead-top "${TOP:-8}" --out "$schedule" ;;
-    *) echo "FITS: unknown schedule kind '$kind' (temperature, head, lookahead)" >&2; exit 2 ;;
+    lookahead-alpha) [ -f "$schedule" ] || calibrated-sampling fit $FIT --lookahead-top "${TOP:-16}" \
+        --f-weight "${F_WEIGHT:?FITS=lookahead-alpha needs F_WEIGHT, e.g. the alpha of lookahead-fit}" \
+        --start "${START:-schedules/$MODEL-$NAME-temperature.json}" --out "$schedule" ;;
+    *) echo "FITS: unknown schedule kind '$kind' (temperature, head, lookahead, lookahead-alpha)" >&2; exit 2 ;;
   esac
   SAMPLERS="${SAMPLERS}schedule:$schedule,"
 done
