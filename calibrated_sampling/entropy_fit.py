@@ -471,9 +471,11 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         update = match_update(a, b, gen_means, human, use_future=kind != "none" and f_weight is None,
                               multipliers=multipliers,
                               measured_slope=_secant_slope(history))
-        # A bin that needs more entropy at the floor of a and would stay there cannot be matched by more rounds:
-        # F at its weight removes more entropy than a can give back (seen with a fixed F weight). Stop and say so.
-        floor = ~within_error(gap, stderr) & (gap < 0) & (a <= MIN_A) & (update["a"] <= MIN_A)
+        # A bin that needs more entropy at the floor of a and would stay there, b unchanged, cannot be matched by
+        # more rounds: F at its weight removes more entropy than a can give back (seen with a fixed F weight).
+        # Stop and say so. (Where b moves, the next round may still get there.)
+        floor = (~within_error(gap, stderr) & (gap < 0) & (a <= MIN_A) & (update["a"] <= MIN_A)
+                 & (update["b"] == b))
         if floor.any():
             stuck = ", ".join(f"bin {j} ({gap[j]:+.3f} ± {stderr[j]:.3f})" for j in floor.nonzero()[:, 0].tolist())
             unreachable = (f"{stuck} needs more entropy than the smallest a, {MIN_A}, gives"

@@ -47,3 +47,21 @@ def test_headline_reads_the_bracket_and_every_schedule(tmp_path):
 
 def test_headline_of_nothing_is_only_the_note(tmp_path):
     assert run(tmp_path).startswith("nothing measured yet")
+
+
+def test_a_schedule_row_names_its_fixed_weight_and_a_single_bin(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline", SCRIPT)
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    path = tmp_path / "s.json"
+    record = {"future": {"kind": "lookahead", "top": 16}, "bin_size": 64, "max_new_tokens": 128,
+              "report": {"f_weight": 0.1005}}
+    path.write_text(json.dumps(record))
+    rank, name = headline.row_name(f"schedule:{path}", {"kind": "schedule"}, {})
+    assert name == "the lookahead's schedule (F: exact one-step, top 16, its weight fixed at 0.1005)"
+    assert rank == headline.RANK.index("lookahead")
+    path.write_text(json.dumps({**record, "bin_size": 128, "report": {}}))  # one a for all 128 steps, b per bin
+    assert headline.row_name(f"schedule:{path}", {"kind": "schedule"}, {})[1] == (
+        "the lookahead's schedule (F: exact one-step, top 16), one bin")

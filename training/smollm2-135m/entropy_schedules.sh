@@ -44,6 +44,13 @@
 #    calibrated:heads/smollm2-135m-distilled:alpha=0.1005:temperature=T added to the pydoc-128 run (T 0.91, 0.93;
 #    alpha=0.3 at 0.91, 0.93), to the pydoc-256 run (T 0.9, 0.91) and to the Austen measure run above (T 0.96, 0.97,
 #    0.98))
+#   (the lookahead's schedule with F's weight fixed, added to the pydoc-256 and pydoc-128 runs: FITS="temperature
+#    head lookahead-alpha" TOP=16 F_WEIGHT=0.1005 and the same TEMPERATURE list as before (pydoc-128: FITS=
+#    "temperature lookahead-alpha", its TEMPERATURE list ending in schedule:schedules/smollm2-135m-pydoc-128-lookahead.json);
+#    then with one bin on pydoc 128, from a = 1, and measured the same way:
+#    calibrated-sampling fit --model smollm2-135m --data pydoc --num-prompts 24 --max-new-tokens 128 --bin-size 128 \
+#      --batch-size 16 --max-rounds 6 --lookahead-top 16 --f-weight 0.1005 \
+#      --out schedules/smollm2-135m-pydoc-128-lookahead-alpha-one-bin.json)
 # FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8;
 # lookahead-alpha: the same F with its weight held at F_WEIGHT in every bin and only the a_j matched, the rounds
 # starting from START, by default the temperature schedule's a_j, so list temperature first);

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from calibrated_sampling.calibrator import parse_calibrated
@@ -80,6 +81,8 @@ def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
     weight = record.get("report", {}).get("f_weight")  # fit --f-weight: one b in every bin, only a_j matched
     if weight is not None:
         name = f"{name.removesuffix(')')}, its weight fixed at {weight:g})"
+    if record.get("bin_size", 0) >= record.get("max_new_tokens", math.inf):  # --bin-size T: one a for all steps
+        name = f"{name}, one bin"
     return RANK.index(future["kind"]), name
 
 
