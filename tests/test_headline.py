@@ -62,6 +62,6 @@ def test_a_schedule_row_names_its_fixed_weight_and_a_single_bin(tmp_path):
     rank, name = headline.row_name(f"schedule:{path}", {"kind": "schedule"}, {})
     assert name == "the lookahead's schedule (F: exact one-step, top 16, its weight fixed at 0.1005)"
     assert rank == headline.RANK.index("lookahead")
-    path.write_text(json.dumps({**record, "bin_size": 128, "report": {}}))  # one a for all 128 steps, b per bin
+    path.write_text(json.dumps({**record, "bin_size": 128, "report": {}}))  # --bin-size T: one a and one b for all 128 steps
     assert headline.row_name(f"schedule:{path}", {"kind": "schedule"}, {})[1] == (
         "the lookahead's schedule (F: exact one-step, top 16), one bin")
