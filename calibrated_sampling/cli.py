@@ -288,7 +288,7 @@ def _fit_windows(args, tokenizer):
 
 
 def _fit_entropy(args) -> int:
-    from .entropy_fit import fit_entropy_matched
+    from .entropy_fit import fit_entropy_matched, store_paths
     from .models import load_model
     from .schedule import describe_schedule, load_schedule, save_schedule
 
@@ -327,7 +327,8 @@ def _fit_entropy(args) -> int:
               f"resumes from them; more prompts (--num-prompts) narrow the standard errors.", file=sys.stderr)
         return 1
     path = save_schedule(args.out, fit, model, tokenizer)
-    rounds.unlink(missing_ok=True)  # the schedule's report holds the history
+    for kept in (rounds, *store_paths(rounds).values()):
+        kept.unlink(missing_ok=True)  # the schedule's report holds the history
     print(describe_schedule(load_schedule(path)))
     print(f"\nwrote {path}; sample it with the spec schedule:{path}")
     return 0

@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
+from .batch_store import BatchStore
 from .calibrator import FutureEntropyCalibrator, schedule_weights
 from .data import Window, batch_windows, cut_windows, windows_digest
 from .files import write_atomic
@@ -283,11 +284,13 @@ def schedule_calibration(a: Sequence[float], b: Sequence[float], max_new_tokens:
 @torch.no_grad()
 def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: torch.Tensor, *, max_new_tokens: int,
                     bin_size: int, pad_id: int, batch_size: int, seed: int, progress: bool = False,
-                    lookahead_top: int | None = None) -> torch.Tensor:
+                    lookahead_top: int | None = None, store: BatchStore | None = None) -> torch.Tensor:
     """Sample every window's prompt under the schedule: per prompt and bin, the running-step sums of
     (count, H(q), dH/da, dH/db), shape (prompts, num_bins, 4). Each batch has its own fixed seed, the
     same in every round (common random numbers: the rounds' differences are the schedule's, not noise).
-    F: the head's (None: F = 0), or with ``lookahead_top`` C the one-step lookahead's (lookahead_schedule.py)."""
+    F: the head's (None: F = 0), or with ``lookahead_top`` C the one-step lookahead's (lookahead_schedule.py).
+    ``store``: this schedule's batches done before an interruption (exactly what a rerun would give: the
+    seeds are per batch); each new batch is added to it."""
     num_bins = math.ceil(max_new_tokens / bin_size)
     calibration = schedule_calibration(a, b, max_new_tokens, bin_size)
     recorder = (_RecordingCalibrator(head, calibration) if lookahead_top is None
@@ -297,17 +300,29 @@ def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: 
         for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="generate", unit="batch",
                                            disable=not progress)):
             batch = list(windows[start:start + batch_size])
-            ids, mask = batch_windows(batch, pad_id, with_continuation=False)
-            recorder.records.clear()
-            record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device),
-                                           LogitsProcessorList([recorder]), max_new_tokens,
-                                           seed=seed * 100_003 + index)
-            steps = len(recorder.records)
-            stats = torch.stack(recorder.records, 1).double()  # (B, steps, 3)
-            running = record.running[:, :steps].double()[..., None]  # (B, steps, 1)
-            bins = torch.arange(steps) // bin_size
-            sums[start:start + len(batch)].index_add_(1, bins, torch.cat([running, stats * running], -1))
+            done = None if store is None else store.get(index)
+            if done is None:
+                done = {"sums": _batch_sums(model, recorder, batch, num_bins, bin_size, pad_id, max_new_tokens,
+                                            seed * 100_003 + index)}
+                if store is not None:
+                    store.put(index, done)
+            sums[start:start + len(batch)] = done["sums"]
     return sums
+
+
+def _batch_sums(model, recorder, batch: list[Window], num_bins: int, bin_size: int, pad_id: int,
+                max_new_tokens: int, seed: int) -> torch.Tensor:
+    """One batch of :func:`generation_sums`: (len(batch), num_bins, 4)."""
+    ids, mask = batch_windows(batch, pad_id, with_continuation=False)
+    recorder.records.clear()
+    record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device),
+                                   LogitsProcessorList([recorder]), max_new_tokens, seed=seed)
+    steps = len(recorder.records)
+    stats = torch.stack(recorder.records, 1).double()  # (B, steps, 3)
+    running = record.running[:, :steps].double()[..., None]  # (B, steps, 1)
+    bins = torch.arange(steps) // bin_size
+    sums = torch.zeros(len(batch), num_bins, 4, dtype=torch.float64)
+    return sums.index_add_(1, bins, torch.cat([running, stats * running], -1).cpu())
 
 
 def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int, pad_id: int,
@@ -391,8 +406,9 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         max_rounds: rounds of sampling before the fit gives up (then ``report["converged"]`` is False).
         multipliers: the grid of the global multiplier m of the log-loss b (module docstring), or one m.
         checkpoint: a JSON file written after every round (the schedule to measure next and the history);
-            a fit started again with the same model, windows and settings resumes from it. Each round
-            samples every fit prompt, minutes at real sizes, so an interruption costs one round at most.
+            a fit started again with the same model, windows and settings resumes from it. Beside it, the
+            round in progress and the lookahead's pass are kept batch by batch (:func:`store_paths`), so an
+            interruption costs one batch at most.
         f_weight: F's weight b held fixed, the same in every bin, with only the a_j matched (None: b_j
             fitted per bin and scaled by the multiplier search). A per-bin b reaches forward into later
             bins' states, and 24-32 fit prompts pin it down too loosely held out (README, *The lookahead's
@@ -425,8 +441,17 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     started = time.perf_counter()
     pad_id = pad_token_id(tokenizer)
     settings = {"max_new_tokens": max_new_tokens, "bin_size": bin_size, "pad_id": pad_id, "batch_size": batch_size}
-    # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit.
-    lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size, progress)
+    identity = {"model": {**model_fingerprint(model), "weights": weights_digest(model)},
+                "tokenizer": tokenizer_fingerprint(tokenizer), "windows": windows_digest(windows), "future": record,
+                "seed": seed, "multipliers": multipliers if isinstance(multipliers, (int, float)) else list(multipliers),
+                **settings, **({} if f_weight is None else {"f_weight": f_weight}),
+                **({} if start_a is None else {"start_a": a.tolist()})}
+    stores = None if checkpoint is None else store_paths(checkpoint)
+    # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit, kept
+    # batch by batch beside the checkpoint (as long as a round: an interruption should not cost it again).
+    lookahead = None if top is None else candidate_rows(
+        model, tokenizer, windows, top, batch_size, progress,
+        store=None if stores is None else BatchStore(stores["lookahead"], identity))
     chunks = _human_chunks(model, head, windows, progress=progress, lookahead=lookahead, **settings)
 
     def human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
@@ -436,11 +461,6 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     base = human(torch.stack([torch.ones(num_bins), torch.zeros(num_bins)], -1).double()[:, None], keys=LOSS_KEYS)
     base_loss = float((base["loss"][:, 0] * base["tokens"][:, 0]).sum() / base["tokens"][:, 0].sum())
     history, multiplier, converged, generated = [], 0.0, False, 0
-    identity = {"model": {**model_fingerprint(model), "weights": weights_digest(model)},
-                "tokenizer": tokenizer_fingerprint(tokenizer), "windows": windows_digest(windows), "future": record,
-                "seed": seed, "multipliers": multipliers if isinstance(multipliers, (int, float)) else list(multipliers),
-                **settings, **({} if f_weight is None else {"f_weight": f_weight}),
-                **({} if start_a is None else {"start_a": a.tolist()})}
     resumed = _read_checkpoint(checkpoint, identity)
     if resumed is not None:
         a, b = torch.tensor(resumed["a"], dtype=torch.float64), torch.tensor(resumed["b"], dtype=torch.float64)
@@ -450,8 +470,11 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
     unreachable = None
     for round_ in range(first, last + 1):
+        # This round's finished batches are kept too: a round of the lookahead's schedule is an hour on a CPU.
+        round_store = None if stores is None else BatchStore(
+            stores["round"], {"fit": identity, "a": a.tolist(), "b": b.tolist()})
         gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, lookahead_top=top,
-                              **settings)
+                              store=round_store, **settings)
         generated += int(gen[..., 0].sum())  # steps of rows still running (EOS ends a row early)
         tf = human_sums(chunks, torch.stack([a, b], -1)[:, None], prompts)  # per prompt: standard errors
         bins = _bin_report(gen, tf, a, b, bin_size, max_new_tokens)
@@ -487,6 +510,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
                                                  "b": update["b"].tolist(), "multiplier": update["multiplier"],
                                                  "history": history, "generated_tokens": generated,
                                                  "seconds": time.perf_counter() - started}) + "\n")
+            round_store.remove()  # the checkpoint holds the round now
         if round_ == last:
             break  # the result stays the schedule that was measured, never an unmeasured update
         a, b, multiplier = update["a"], update["b"], update["multiplier"]
@@ -498,6 +522,13 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
               "bins": bins["rows"], "history": history}
     return {"objective": "entropy", **schedule_calibration(a, b, max_new_tokens, bin_size), "future": record,
             "report": report}
+
+
+def store_paths(checkpoint: str | os.PathLike) -> dict[str, Path]:
+    """The batch stores a fit keeps beside its ``checkpoint`` (``X.rounds.json``): the lookahead pass
+    (``X.rounds.lookahead.safetensors``) and the round in progress (``X.rounds.round.safetensors``)."""
+    path = Path(checkpoint)
+    return {"lookahead": path.with_suffix(".lookahead.safetensors"), "round": path.with_suffix(".round.safetensors")}
 
 
 def _first_weights(kind: str, num_bins: int, f_weight, start_a) -> tuple[torch.Tensor, torch.Tensor]:

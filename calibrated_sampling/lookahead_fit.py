@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel
 
+from .batch_store import BatchStore
 from .data import Window
 from .lookahead import DEFAULT_TOP, LookaheadEntropy, LookaheadProcessor, LookaheadSampler
 from .measure import teacher_forced
@@ -57,20 +58,28 @@ class _Recorder(LookaheadSampler):
 
 
 def candidate_rows(model: PreTrainedModel, tokenizer, windows: list[Window], top: int,
-                   batch_size: int = 8, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int = 8, progress: bool = False,
+                   store: BatchStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-C candidates of p (rows, C) and their next-step entropies (rows, C) at every continuation
-    token of ``windows``, rows window-major (window w's step t is row w * T + t)."""
+    token of ``windows``, rows window-major (window w's step t is row w * T + t). ``store``: the batches
+    done by an interrupted pass are taken from it, and every new one is added to it."""
     pad_id = pad_token_id(tokenizer)
     recorder = _Recorder(model, top, keep_logp=False)
     candidates, entropies = [], []
     with recorder.attach(model):
         # C + 1 tokens per row: minutes on a CPU at a fit's size, so it shows its progress
-        for start in tqdm(range(0, len(windows), batch_size), desc="lookahead pass", unit="batch",
-                          disable=not progress):
-            recorder.steps.clear()
-            teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
-            candidates.append(torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu())  # (B * T, C)
-            entropies.append(torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu())
+        for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="lookahead pass", unit="batch",
+                                           disable=not progress)):
+            done = None if store is None else store.get(index)
+            if done is None:
+                recorder.steps.clear()
+                teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
+                done = {"candidates": torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu(),  # (B*T, C)
+                        "entropies": torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu()}
+                if store is not None:
+                    store.put(index, done)
+            candidates.append(done["candidates"])
+            entropies.append(done["entropies"])
     return torch.cat(candidates), torch.cat(entropies)
 
 

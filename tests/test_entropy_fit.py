@@ -262,6 +262,7 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
     assert "F: none, T = 8, objective entropy" in capsys.readouterr().out
     record = json.loads(schedule_file.read_text())
     assert record["report"]["converged"] and len(record["a"]) == 2 and record["b"] == [0.0, 0.0]
+    assert [p.name for p in tmp_path.glob("schedule.*")] == ["schedule.json"]  # its rounds and batches: gone
     assert main(["measure", *common, "--split", "fit", "--num-prompts", "6", "--samplers",
                  f"base,schedule:{schedule_file}", "--out", str(tmp_path / "measure")]) == 0
     results = json.loads((tmp_path / "measure" / "results.json").read_text())["samplers"]
@@ -335,6 +336,53 @@ def test_an_interrupted_fit_resumes_from_its_rounds(lm, tmp_path, monkeypatch):
     assert resumed["a"] == pytest.approx(whole["a"]) and resumed["report"]["rounds"] == whole["report"]["rounds"]
     with pytest.raises(ValueError, match="belongs to another fit"):
         fit_entropy_matched(model, tok, windows, max_rounds=3, checkpoint=checkpoint, **{**settings, "seed": 1})
+
+
+def test_a_fit_interrupted_mid_pass_resumes_at_its_next_batch(lm, tmp_path, monkeypatch):
+    """The lookahead's pass and a round's generations are kept batch by batch: a fit interrupted inside
+    either redoes no finished batch and ends where an uninterrupted fit does; a corrupt store is refused."""
+    from calibrated_sampling import entropy_fit, lookahead_fit
+
+    model, tok, windows = lm  # 12 windows, batches of 4: 3 per pass
+    settings = dict(max_new_tokens=8, bin_size=4, batch_size=4, seed=0, progress=False, future=("lookahead", 4),
+                    max_rounds=3)
+    whole = fit_entropy_matched(model, tok, windows, **settings)
+    checkpoint = tmp_path / "rounds.json"
+    stores = entropy_fit.store_paths(checkpoint)
+
+    originals = {name: getattr(module, name) for module, name in ((lookahead_fit, "teacher_forced"),
+                                                                   (entropy_fit, "_batch_sums"))}
+
+    def count_calls(module, name: str, stop_at: int | None) -> list:
+        calls, original = [], originals[name]
+
+        def wrapped(*args, **kwargs):
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt  # as a session ending mid-pass
+            calls.append(1)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
+        return calls
+
+    count_calls(lookahead_fit, "teacher_forced", stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
+    assert stores["lookahead"].is_file() and not checkpoint.exists()
+    passes = count_calls(lookahead_fit, "teacher_forced", stop_at=None)
+    count_calls(entropy_fit, "_batch_sums", stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
+    assert len(passes) == 2 and stores["round"].is_file()  # the pass's 2 batches left; 2 of round 1's kept
+    passes.clear()
+    generated = count_calls(entropy_fit, "_batch_sums", stop_at=None)
+    resumed = fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
+    assert passes == [] and len(generated) == 3 * whole["report"]["rounds"] - 2
+    assert resumed["a"] == pytest.approx(whole["a"]) and resumed["report"]["rounds"] == whole["report"]["rounds"]
+    data = bytearray(stores["lookahead"].read_bytes())
+    data[-1] ^= 0xFF
+    stores["lookahead"].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
 
 
 def test_secant_slope_steepens_a_newton_step_that_would_overshoot():
