@@ -33,7 +33,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         sha.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        sha.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return sha.hexdigest()
 
 
@@ -86,6 +86,7 @@ class BatchStore:
         self.batches[index] = {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}
         flat = {f"{i}/{key}": tensor for i, batch in self.batches.items() for key, tensor in batch.items()}
         metadata = {"format": FORMAT, "identity": self.identity, "sha256": _digest(flat)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, save_safetensors(flat, metadata=metadata))
 
     def remove(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from .batch_store import BatchStore
 from .data import Window, batch_windows, left_padded_positions
 from .metrics import (
     distinct_n,
@@ -248,6 +250,7 @@ def measure(
     seed: int = 0,
     progress: bool = True,
     stop_at_eos: bool = True,
+    store_for: Callable[[Sampler], BatchStore | None] | None = None,
 ) -> dict[str, dict]:
     """Measure every sampler on the same prompts: log loss of q on the human continuations and
     entropy of q along its own samples (``len(continuation)`` new tokens per prompt).
@@ -256,8 +259,13 @@ def measure(
     windows and settings; each runs its share of the batches and all of them return the full result,
     equal to a one-process run (the progress bar shows process 0's share).
 
+    ``store_for(sampler)``: where that sampler's finished batches are kept (a :class:`BatchStore` of its
+    own) or None; batches found there are not run again (each batch's seed is its index, so they are
+    what a rerun would give), and their time counts in ``seconds``. A 128-prompt x 512-token measurement
+    of the lookahead is hours on a CPU: an interruption then costs one batch.
+
     Returns ``{spec: summary}`` with the keys of ``results.json`` (see the README), plus
-    ``samples`` (the generated token ids, cut at EOS) and ``seconds``.
+    ``samples`` (the generated token ids, cut at EOS) and ``seconds`` (the batches' time).
     """
     if not windows:
         raise ValueError("`windows` is empty: nothing to measure")
@@ -274,26 +282,42 @@ def measure(
     bar = tqdm(total=len(built) * sum(len(batches[i]) for i in mine) * steps, unit="tok",
                disable=not progress or rank != 0, desc="measure")
     for sampler in built:
-        started = time.perf_counter()
-        parts = []
+        parts, seconds = [], 0.0
+        store = None if store_for is None else store_for(sampler)
         with sampler.attach(model):
             for index in mine:
                 batch = batches[index]
                 bar.set_postfix_str(sampler.spec)
-                forced = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
-                ids, mask = batch_windows(batch, pad_id, with_continuation=False)
-                # One seed per batch: a sampler's samples do not depend on which samplers ran before
-                # (nor on which process ran the batch).
-                record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
-                                               steps, seed=seed * 100_003 + index, stop_at_eos=stop_at_eos,
-                                               cache=forced["cache"])
-                parts.append((index, {k: v for k, v in forced.items() if k != "cache"},
-                              {"sequences": record.sequences, "entropy": record.entropy, "running": record.running}))
+                kept = None if store is None else store.get(index)
+                if kept is None:
+                    started = time.perf_counter()
+                    forced, gen = _measure_batch(model, sampler, batch, pad_id, steps, seed * 100_003 + index,
+                                                 stop_at_eos)
+                    kept = {**{f"forced.{k}": v for k, v in forced.items()}, **{f"gen.{k}": v for k, v in gen.items()},
+                            "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
+                    if store is not None:
+                        store.put(index, kept)
+                seconds += float(kept["seconds"])
+                parts.append((index, {k[7:]: v for k, v in kept.items() if k.startswith("forced.")},
+                              {k[4:]: v for k, v in kept.items() if k.startswith("gen.")}))
                 bar.update(len(batch) * steps)
         parts = _gather_batches(parts, world)
         forced = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         gen = {k: torch.cat([p[2][k] for p in parts]) for k in parts[0][2]}
         results[sampler.spec] = _summarise(sampler.spec, sampler, forced, gen, eos_ids)
-        results[sampler.spec]["seconds"] = time.perf_counter() - started
+        results[sampler.spec]["seconds"] = seconds  # this process's batches, stored ones at the time they took
     bar.close()
     return results
+
+
+def _measure_batch(model, sampler: Sampler, batch: list[Window], pad_id: int, steps: int, seed: int,
+                   stop_at_eos: bool) -> tuple[dict, dict]:
+    """One batch of :func:`measure`: its teacher-forced tensors and its generation's, on the CPU."""
+    forced = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
+    ids, mask = batch_windows(batch, pad_id, with_continuation=False)
+    # One seed per batch: a sampler's samples do not depend on which samplers ran before
+    # (nor on which process ran the batch).
+    record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
+                                   steps, seed=seed, stop_at_eos=stop_at_eos, cache=forced["cache"])
+    return ({k: v for k, v in forced.items() if k != "cache"},
+            {"sequences": record.sequences, "entropy": record.entropy, "running": record.running})

@@ -189,6 +189,33 @@ def test_cli_measure_resumes_from_its_journal(tmp_path, tiny_model, monkeypatch,
     assert "measurements.jsonl" in capsys.readouterr().err
 
 
+def test_cli_measure_interrupted_mid_sampler_resumes_at_its_next_batch(tmp_path, tiny_model, monkeypatch):
+    """A sampler's finished batches are kept in OUT/batches.cache/ until the journal holds it: a rerun
+    after an interruption runs only the batches it lacked, and gives the numbers of an uninterrupted run."""
+    args = [*_cli_measure_args(tmp_path, tiny_model), "--samplers", "top_p=0.9"]  # 3 prompts: 2 batches
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    original, calls = measure_module._measure_batch, []
+
+    def interrupted(*a, **k):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*a, **k)
+    out = tmp_path / "out"
+    monkeypatch.setattr(measure_module, "_measure_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(out)])
+    assert len(list((out / "batches.cache").iterdir())) == 1 and not (out / "results.json").exists()
+    monkeypatch.setattr(measure_module, "_measure_batch", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls.clear()
+    assert main([*args, "--out", str(out)]) == 0
+    assert len(calls) == 1 and list((out / "batches.cache").iterdir()) == []
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text())["samplers"]["top_p=0.9"]
+                      for d in ("whole", "out"))
+    assert whole.pop("seconds") > 0 and resumed.pop("seconds") > 0
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(whole, sort_keys=True)
+
+
 def test_cli_errors_name_the_argument(tmp_path, capsys):
     assert main(["measure", "--samplers", "nucleus=0.9", "--out", str(tmp_path)]) == 2
     assert "nucleus=0.9" in capsys.readouterr().err
