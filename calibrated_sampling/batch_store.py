@@ -76,6 +76,12 @@ class BatchStore:
             index, _, key = name.partition("/")
             self.batches.setdefault(int(index), {})[key] = tensor
 
+    @property
+    def seconds(self) -> float:
+        """The time the batches kept so far took, where they recorded it (a tensor ``seconds``): a resumed
+        run adds it to its own, so its report counts the whole pass."""
+        return sum(float(batch["seconds"]) for batch in self.batches.values() if "seconds" in batch)
+
     def __len__(self) -> int:
         return len(self.batches)
 

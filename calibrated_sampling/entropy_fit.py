@@ -302,8 +302,10 @@ def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: 
             batch = list(windows[start:start + batch_size])
             done = None if store is None else store.get(index)
             if done is None:
+                started = time.perf_counter()
                 done = {"sums": _batch_sums(model, recorder, batch, num_bins, bin_size, pad_id, max_new_tokens,
-                                            seed * 100_003 + index)}
+                                            seed * 100_003 + index),
+                        "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
                 if store is not None:
                     store.put(index, done)
             sums[start:start + len(batch)] = done["sums"]
@@ -446,12 +448,20 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
                 "seed": seed, "multipliers": multipliers if isinstance(multipliers, (int, float)) else list(multipliers),
                 **settings, **({} if f_weight is None else {"f_weight": f_weight}),
                 **({} if start_a is None else {"start_a": a.tolist()})}
+    history, multiplier, converged, generated = [], 0.0, False, 0
+    resumed = _read_checkpoint(checkpoint, identity)  # another fit's checkpoint: refused before the long passes
+    if resumed is not None:
+        a, b = torch.tensor(resumed["a"], dtype=torch.float64), torch.tensor(resumed["b"], dtype=torch.float64)
+        history, multiplier, generated = resumed["history"], resumed["multiplier"], resumed["generated_tokens"]
+        started -= resumed["seconds"]
     stores = None if checkpoint is None else store_paths(checkpoint)
     # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit, kept
     # batch by batch beside the checkpoint (as long as a round: an interruption should not cost it again).
-    lookahead = None if top is None else candidate_rows(
-        model, tokenizer, windows, top, batch_size, progress,
-        store=None if stores is None else BatchStore(stores["lookahead"], identity))
+    lookahead_store = None if stores is None or top is None else BatchStore(stores["lookahead"], identity)
+    if resumed is None and lookahead_store is not None:  # once a round is checkpointed, its seconds hold the pass
+        started -= lookahead_store.seconds  # the kept batches' time, read before this run adds to them
+    lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size, progress,
+                                                        store=lookahead_store)
     chunks = _human_chunks(model, head, windows, progress=progress, lookahead=lookahead, **settings)
 
     def human(ab: torch.Tensor, keys: tuple[str, ...] = HUMAN_KEYS) -> dict:
@@ -460,12 +470,6 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     # The base model's fit-side log loss (a = 1, b = 0), whatever the first round starts from.
     base = human(torch.stack([torch.ones(num_bins), torch.zeros(num_bins)], -1).double()[:, None], keys=LOSS_KEYS)
     base_loss = float((base["loss"][:, 0] * base["tokens"][:, 0]).sum() / base["tokens"][:, 0].sum())
-    history, multiplier, converged, generated = [], 0.0, False, 0
-    resumed = _read_checkpoint(checkpoint, identity)
-    if resumed is not None:
-        a, b = torch.tensor(resumed["a"], dtype=torch.float64), torch.tensor(resumed["b"], dtype=torch.float64)
-        history, multiplier, generated = resumed["history"], resumed["multiplier"], resumed["generated_tokens"]
-        started -= resumed["seconds"]
     first = len(history) + 1
     last = max(max_rounds, first)  # a resumed fit measures the schedule it had reached at least once
     unreachable = None
@@ -473,6 +477,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         # This round's finished batches are kept too: a round of the lookahead's schedule is an hour on a CPU.
         round_store = None if stores is None else BatchStore(
             stores["round"], {"fit": identity, "a": a.tolist(), "b": b.tolist()})
+        if round_store is not None:
+            started -= round_store.seconds  # its kept batches' time, lost with the interrupted run
         gen = generation_sums(model, head, windows, a, b, seed=seed, progress=progress, lookahead_top=top,
                               store=round_store, **settings)
         generated += int(gen[..., 0].sum())  # steps of rows still running (EOS ends a row early)

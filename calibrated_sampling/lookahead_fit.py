@@ -20,6 +20,7 @@ the law of human text, so the model-based 1 / sqrt(sum_i c_i) (reported beside i
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -72,10 +73,12 @@ def candidate_rows(model: PreTrainedModel, tokenizer, windows: list[Window], top
                                            disable=not progress)):
             done = None if store is None else store.get(index)
             if done is None:
+                started = time.perf_counter()
                 recorder.steps.clear()
                 teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
                 done = {"candidates": torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu(),  # (B*T, C)
-                        "entropies": torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu()}
+                        "entropies": torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu(),
+                        "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
                 if store is not None:
                     store.put(index, done)
             candidates.append(done["candidates"])

@@ -17,6 +17,9 @@ def test_batches_come_back_for_the_same_identity_only(tmp_path):
     assert len(again) == 2 and again.get(1) is None
     assert torch.equal(again.get(0)["x"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(again.get(2)["y"], torch.tensor([7]))
+    assert again.seconds == 0  # no batch recorded its time
+    again.put(3, {"x": torch.zeros(1), "seconds": torch.tensor(2.5, dtype=torch.float64)})
+    assert BatchStore(path, {"fit": 1}).seconds == 2.5
     other = BatchStore(path, {"fit": 2})  # another round or fit: stale, not used
     assert len(other) == 0
     other.put(0, {"x": torch.zeros(1)})
