@@ -72,26 +72,20 @@ def _measure_with_journal(model, tokenizer, windows, samplers: list, out: Path, 
     """measure() one sampler at a time, each finished one kept in ``OUT/measurements.jsonl``
     (:mod:`.journal`): an interrupted run measures again only what it had not finished, and of the
     sampler it was measuring, only the batches not kept in ``OUT/batches.cache/`` (:mod:`.batch_store`)."""
-    from .batch_store import BatchStore, identity_digest
     from .compare import run_fingerprint
     from .journal import JOURNAL_NAME, Journal
     from .measure import measure
 
-    run = run_fingerprint(model, tokenizer, windows, kwargs["seed"], command="measure",
-                          batch_size=kwargs["batch_size"], stop_at_eos=kwargs["stop_at_eos"])
-    journal = Journal(out / JOURNAL_NAME, run)
-
-    def store_for(sampler) -> BatchStore:
-        identity = {"run": run, "key": sampler.key}
-        return BatchStore(out / "batches.cache" / f"{identity_digest(identity)[:24]}.safetensors", identity)
-
+    journal = Journal(out / JOURNAL_NAME, run_fingerprint(model, tokenizer, windows, kwargs["seed"], command="measure",
+                                                          batch_size=kwargs["batch_size"],
+                                                          stop_at_eos=kwargs["stop_at_eos"]))
     results = {}
     for sampler in samplers:
         result = journal.get(sampler.key)
         if result is None:
-            result = measure(model, tokenizer, windows, [sampler], store_for=store_for, **kwargs)[sampler.spec]
+            result = measure(model, tokenizer, windows, [sampler], store_for=lambda s: journal.batches(s.key),
+                             **kwargs)[sampler.spec]
             journal.add(sampler.key, result)
-            store_for(sampler).remove()  # the journal holds it now
         else:
             print(f"{sampler.spec}: from {journal.path}", file=sys.stderr)
         results[sampler.spec] = result

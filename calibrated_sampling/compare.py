@@ -278,8 +278,9 @@ class Comparison:
             # Samplers that do not hook the model read nothing but the logits: the decoder pass may be reused.
             reuse = contextlib.nullcontext() if sampler.hooks_model else reuse_decoder_pass(self.model, self.memo)
             with reuse:
+                kept = (lambda s: self.journal.batches(s.key)) if self.journal else None  # resumes mid-sampler
                 result = measure(self.model, self.tokenizer, self.windows, [sampler], batch_size=self.batch_size,
-                                 seed=self.seed, progress=False)[sampler.spec]
+                                 seed=self.seed, progress=False, store_for=kept)[sampler.spec]
             result["self_bleu"] = self_bleu(result["samples"])
             if self.journal:
                 self.journal.add(sampler.key, result)

@@ -6,7 +6,9 @@ line and flushed to disk before the next one starts. The first line holds a fing
 the numbers depend on (model weights, tokenizer, prompts, seed, preset, device): a journal of
 another comparison is refused, never mixed in. A line that holds no entry (the last one cut off by an
 interruption, or one damaged by hand) is moved to ``measurements.jsonl.damaged`` with a warning that
-names it: the good entries are kept, the damaged ones measured again, and nothing is lost.
+names it: the good entries are kept, the damaged ones measured again, and nothing is lost. The
+measurement in flight keeps its finished batches beside the journal (:meth:`Journal.batches`), so an
+hours-long one is not lost either.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
+from .batch_store import BatchStore, identity_digest
 from .files import write_atomic
 
 JOURNAL_NAME = "measurements.jsonl"
@@ -32,6 +35,7 @@ class Journal:
 
     def __init__(self, path: str | Path, run_fingerprint: str):
         self.path = Path(path)
+        self.fingerprint = run_fingerprint
         self.entries: dict[str, object] = {}
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         if not lines:  # a new journal (an empty file holds nothing to keep)
@@ -84,12 +88,24 @@ class Journal:
         return self.entries.get(key)
 
     def add(self, key: str, value) -> None:
-        """Record ``value`` (JSON-able; inf and NaN allowed) and make sure it is on disk."""
+        """Record ``value`` (JSON-able; inf and NaN allowed) and make sure it is on disk; its batches
+        (:meth:`batches`) are then deleted."""
         self.entries[key] = value
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"key": key, "value": value}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._batches_path(key).unlink(missing_ok=True)
+
+    def batches(self, key: str) -> BatchStore:
+        """Where the measurement of ``key`` keeps its finished batches until :meth:`add` records it
+        (``DIR/batches.cache/``, tied to this journal's fingerprint and the key): one sampler of the
+        lookahead at 128 prompts x 512 tokens is hours on a CPU, and an interruption then costs a batch."""
+        return BatchStore(self._batches_path(key), {"run": self.fingerprint, "key": key})
+
+    def _batches_path(self, key: str) -> Path:
+        digest = identity_digest({"run": self.fingerprint, "key": key})
+        return self.path.parent / "batches.cache" / f"{digest[:24]}.safetensors"
 
     def _rewrite(self, lines: list[str]) -> None:
         write_atomic(self.path, "".join(line + "\n" for line in lines))
