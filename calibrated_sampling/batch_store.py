@@ -45,13 +45,17 @@ class BatchStore:
     """Tensors per batch index, in ``path``, for one ``identity`` (a JSON-able dict).
 
     ``get(i)`` gives batch i's tensors or None; ``put(i, tensors)`` records them and rewrites the file.
-    A file of another identity is set aside on the first ``put`` (its batches are not used); a damaged
-    file raises ValueError naming it, so hours of results are neither trusted wrongly nor overwritten
-    unseen."""
+    A file of another identity is not used: with ``other="replace"`` (a round's store, whose schedule
+    has moved on) the first ``put`` overwrites it; with ``other="refuse"`` (a pass another fit may still
+    resume) it raises ValueError naming the file. A damaged file raises ValueError naming it, so hours
+    of results are neither trusted wrongly nor overwritten unseen."""
 
-    def __init__(self, path: str | os.PathLike, identity: dict):
+    def __init__(self, path: str | os.PathLike, identity: dict, other: str = "replace"):
+        if other not in ("replace", "refuse"):
+            raise ValueError(f"`other` must be 'replace' or 'refuse', but is {other!r}")
         self.path = Path(path)
         self.identity = identity_digest(identity)
+        self.other = other
         self.batches: dict[int, dict[str, torch.Tensor]] = {}
         if self.path.is_file():
             self._read()
@@ -71,7 +75,10 @@ class BatchStore:
         if _digest(tensors) != metadata.get("sha256"):
             raise ValueError(f"batch store {self.path} is corrupt (checksum mismatch); delete it to redo its batches")
         if metadata.get("identity") != self.identity:
-            return  # another round or fit: stale, replaced on the first put
+            if self.other == "refuse":
+                raise ValueError(f"batch store {self.path} belongs to another run (other model, windows or "
+                                 "settings); delete it or choose another `--out`")
+            return  # stale (another round): replaced on the first put
         for name, tensor in tensors.items():
             index, _, key = name.partition("/")
             self.batches.setdefault(int(index), {})[key] = tensor

@@ -457,7 +457,9 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     stores = None if checkpoint is None else store_paths(checkpoint)
     # The lookahead's F is the base model's next-step entropy: one teacher-forced pass for the whole fit, kept
     # batch by batch beside the checkpoint (as long as a round: an interruption should not cost it again).
-    lookahead_store = None if stores is None or top is None else BatchStore(stores["lookahead"], identity)
+    lookahead_store = None  # another fit's pass is refused, as its checkpoint is: it may be resumed yet
+    if stores is not None and top is not None:
+        lookahead_store = BatchStore(stores["lookahead"], identity, other="refuse")
     if resumed is None and lookahead_store is not None:  # once a round is checkpointed, its seconds hold the pass
         started -= lookahead_store.seconds  # the kept batches' time, read before this run adds to them
     lookahead = None if top is None else candidate_rows(model, tokenizer, windows, top, batch_size, progress,

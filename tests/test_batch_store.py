@@ -24,6 +24,8 @@ def test_batches_come_back_for_the_same_identity_only(tmp_path):
     assert len(other) == 0
     other.put(0, {"x": torch.zeros(1)})
     assert len(BatchStore(path, {"fit": 1})) == 0 and len(BatchStore(path, {"fit": 2})) == 1
+    with pytest.raises(ValueError, match=f"{path} belongs to another run"):
+        BatchStore(path, {"fit": 1}, other="refuse")  # a pass another fit may still resume
     other.remove()
     assert not path.exists()
 

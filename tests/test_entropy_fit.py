@@ -368,6 +368,8 @@ def test_a_fit_interrupted_mid_pass_resumes_at_its_next_batch(lm, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
     assert stores["lookahead"].is_file() and not checkpoint.exists()
+    with pytest.raises(ValueError, match="belongs to another run"):  # another fit's pass: kept, not overwritten
+        fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **{**settings, "seed": 1})
     passes = count_calls(lookahead_fit, "teacher_forced", stop_at=None)
     count_calls(entropy_fit, "_batch_sums", stop_at=2)
     with pytest.raises(KeyboardInterrupt):
