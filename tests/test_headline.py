@@ -65,3 +65,25 @@ def test_a_schedule_row_names_its_fixed_weight_and_a_single_bin(tmp_path):
     path.write_text(json.dumps({**record, "bin_size": 128, "report": {}}))  # --bin-size T: one a and one b for all 128 steps
     assert headline.row_name(f"schedule:{path}", {"kind": "schedule"}, {})[1] == (
         "the lookahead's schedule (F: exact one-step, top 16), one bin")
+
+
+def test_the_cost_column_reads_one_side_by_side_benchmark_by_kind(tmp_path):
+    """Every row's time comes from one benchmark run, looked up by what its cost depends on (family and
+    candidates, not temperature or weight); a row of a kind not timed shows a dash."""
+    shutil.copytree("results/schedules-pydoc-256", tmp_path / "schedules-pydoc-256")
+    (tmp_path / "future-cost").mkdir()
+    rows = [{"spec": spec, "batch_size": 16, "ratio": ratio, "plain_tokens_per_s": 50.0,
+             "sampler_tokens_per_s": 50.0 * ratio}
+            for spec, ratio in (("temperature=0.5", 0.98), ("lookahead:alpha=0.3:top=16:temperature=1.1", 0.25),
+                                ("schedule:schedules/smollm2-135m-pydoc-128-lookahead-alpha.json", 0.2))]
+    rows.append({**rows[0], "batch_size": 1, "ratio": 0.5})  # batch 1 is not the column's
+    (tmp_path / "future-cost" / "headline.json").write_text(json.dumps(
+        {"machine": "smollm2-135m (float32, CPU, x86_64, 2 torch threads)", "rows": rows}))
+    lines = [line for line in run(tmp_path).splitlines() if line.startswith("| pydoc")]
+    cost = {line.split(" | ")[1].split(" ")[0]: line.rsplit(" | ", 1)[1].removesuffix(" |") for line in lines}
+    assert cost["temperature"] == f"{1 / 49:.4f} (0.98)"
+    assert cost["lookahead"] == f"{1 / 12.5:.4f} (0.25)"  # another alpha and temperature: the same kind
+    assert cost["min-p"] == "—"
+    # the lookahead's schedule at top 16: any schedule file with that F is the same kind
+    assert lines[-1].endswith(f"{1 / 10:.4f} (0.20) |")
+    assert "50.0 tokens/s there" in run(tmp_path)

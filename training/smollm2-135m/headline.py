@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 from calibrated_sampling.calibrator import parse_calibrated
@@ -38,7 +39,20 @@ SCHEDULE_NAMES = {"none": "per-step temperature schedule", "head": "the head's s
 # the rows' order: matched knobs, a method with its own temperature, then schedules by F kind
 RANK = ("temperature", "min_p", TEMPERED, *SCHEDULE_NAMES)
 HEADER = ("setting", "method at EntCE = 0", "EntCE ± s.e.", "Δ log loss vs temperature ± paired s.e.", "distinct-2",
-          "seq-rep-4", "max bin \\|EntCE\\| (64 steps)", "s / token")
+          "seq-rep-4", "max bin \\|EntCE\\| (64 steps)", "s / token, batch 16 (speed vs plain)")
+# The cost column: one side-by-side run of benchmarks/future_cost.py over one sampler of each kind (COST_COMMAND),
+# so that every row's time is from one machine; the runs' own seconds mix the machines of several sessions.
+BENCHMARK = Path("future-cost/headline.json")
+COST_COMMAND = ("python benchmarks/future_cost.py --batch-sizes 16 --max-new-tokens 16 --repeats 2 --samplers "
+                "temperature=0.9,min_p=0.0006,schedule:schedules/smollm2-135m-pydoc-256-temperature.json,"
+                "schedule:schedules/smollm2-135m-pydoc-256-head.json,"
+                "calibrated:heads/smollm2-135m-distilled:alpha=0.1005:temperature=0.9,"
+                "lookahead:alpha=0.1005:top=16:temperature=0.92,"
+                "schedule:schedules/smollm2-135m-pydoc-256-lookahead-alpha.json,"
+                "schedule:schedules/smollm2-135m-pydoc-128-lookahead.json,"
+                "lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.92,"
+                "lookahead-value:heads/smollm2-135m-value:alpha=0.02116:top=16:horizon=16:temperature=0.92 "
+                "--out results/future-cost/headline.json")
 
 
 def matched_setting(knob: str, matches: dict) -> str:
@@ -86,20 +100,48 @@ def row_name(spec: str, row: dict, matches: dict) -> tuple[int, str]:
     return RANK.index(future["kind"]), name
 
 
+def cost_kind(spec: str) -> str:
+    """What a sampler's time per token depends on: its family, and for the lookaheads their candidates
+    (a temperature or weight costs nothing; one schedule costs what another with the same F does)."""
+    spec = spec.removesuffix(TEMPERED)
+    if spec.startswith("schedule:"):
+        try:
+            future = json.loads(Path(spec.removeprefix("schedule:")).read_text())["future"]
+        except (OSError, KeyError, ValueError):
+            return spec  # the file moved: no kind to match
+        return f"schedule, F {future['kind']}" + (f", top {future['top']}" if "top" in future else "")
+    family = re.split(r"[:=]", spec, maxsplit=1)[0]
+    tops = re.findall(r":(top2?=\d+)", spec)
+    return ", ".join([family, *tops]) if family.startswith("lookahead") else family
+
+
+def costs(root: Path) -> tuple[dict[str, dict], str]:
+    """({cost kind: the benchmark's batch-16 row}, its machine: "MODEL (dtype, device, ...)") from
+    ``root / BENCHMARK``, or ({}, "")."""
+    path = root / BENCHMARK
+    if not path.is_file():
+        return {}, ""
+    bench = json.loads(path.read_text())
+    return {cost_kind(row["spec"]): row for row in bench["rows"] if row["batch_size"] == 16}, bench["machine"]
+
+
+def cost_cell(row: dict | None) -> str:
+    return "—" if row is None else f"{1 / row['sampler_tokens_per_s']:.4f} ({row['ratio']:.2f})"
+
+
 def cells(row: dict, reference: str) -> list[str]:
     entce = "0" if row["entce_stderr"] is None else f"{row['entce']:+.3f} ± {row['entce_stderr']:.3f}"
     # a truncating sampler gives some human tokens probability 0: its log loss is read smoothed
     dagger = "†" if row["paired_smoothed"] else ""
     delta = ("0 (the reference)" if row["kind"] == "matched" and row["spec"] == reference
              else f"{row['paired_difference']:+.4f}{dagger} ± {row['paired_stderr']:.4f}")
-    seconds = row.get("seconds_per_token")
-    return [entce, delta, f"{row['distinct_2']:.3f}", f"{row['seq_rep_4']:.3f}", f"{row['max_abs_bin_entce']:.2f}",
-            "" if seconds is None else f"{seconds:.3f}"]
+    return [entce, delta, f"{row['distinct_2']:.3f}", f"{row['seq_rep_4']:.3f}", f"{row['max_abs_bin_entce']:.2f}"]
 
 
 def table(root: Path) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     sources, machines = [], set()
+    timed, timed_on = costs(root)
     for short, title, folder in SETTINGS:
         path = root / folder / "equal_entropy.json"
         if not path.exists():
@@ -108,16 +150,24 @@ def table(root: Path) -> str:
         rows = matched["rows"]
         measured = json.loads((root / folder / "results.json").read_text())
         matches = measured_matches(measured["samplers"])
+        same_model = measured["model"] == timed_on.split(" ")[0]  # the benchmark timed one model
         for spec, (_, name) in sorted(((spec, row_name(spec, row, matches)) for spec, row in rows.items()),
                                       key=lambda item: item[1]):
-            lines.append("| " + " | ".join([short, name, *cells(rows[spec], matched["reference"])]) + " |")
+            cost = cost_cell(timed.get(cost_kind(spec)) if same_model else None)
+            lines.append("| " + " | ".join([short, name, *cells(rows[spec], matched["reference"]), cost]) + " |")
         settings = measured["settings"]  # the run's own record of its size, not the setting's name
         machines.add(settings["machine"])
         sources.append(f"{short}: {title}, {settings['num_prompts']} held-out prompts x {settings['max_new_tokens']}"
                        f" tokens, seed {settings['seed']} (`{path}`)")
     if not sources:
         return "nothing measured yet (training/smollm2-135m/entropy_schedules.sh writes the settings)"
-    notes = [f"settings: {'; '.join(sources)}; on {' / '.join(sorted(machines))}.",
+    plain = next(iter(timed.values()), None)
+    cost = ("s / token, batch 16: not timed yet (`" + COST_COMMAND + "`)" if plain is None else
+            f"s / token, batch 16: seconds per generated token over a batch of 16, one sampler of each kind timed side "
+            f"by side in one run, each right after plain sampling ({plain['plain_tokens_per_s']:.1f} tokens/s there), "
+            f"on {timed_on} (`{BENCHMARK}`); in brackets the speed as a share of plain sampling's; — where no sampler "
+            f"of the kind was timed (another model)")
+    notes = [f"settings: {'; '.join(sources)}; on {' / '.join(sorted(machines))}.", cost,
              "† min-p gives some human tokens probability 0: its log loss is read smoothed (q mixed with 1e-4 of"
              " the model's own distribution), and its difference to temperature with it."]
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
