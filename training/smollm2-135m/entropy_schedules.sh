@@ -51,6 +51,14 @@
 #    calibrated-sampling fit --model smollm2-135m --data pydoc --num-prompts 24 --max-new-tokens 128 --bin-size 128 \
 #      --batch-size 16 --max-rounds 6 --lookahead-top 16 --f-weight 0.1005 \
 #      --out schedules/smollm2-135m-pydoc-128-lookahead-alpha-one-bin.json)
+#   (the lookahead's fixed-weight schedule on Austen, 48 fit prompts x 512 as the others there: a pass and rounds of
+#    80-90 min each on 2 cores, run over several sessions (the same command resumes at the batch it stopped in):
+#    FITS=lookahead-alpha F_WEIGHT=0.1005 ... the fit line alone:
+#    calibrated-sampling fit --model smollm2-135m --data ../shared/data/austen --num-prompts 48 --max-new-tokens 512 \
+#      --bin-size 64 --batch-size 16 --max-rounds 8 --lookahead-top 16 --f-weight 0.1005 \
+#      --start schedules/smollm2-135m-austen-512-temperature.json --out schedules/smollm2-135m-austen-512-lookahead-alpha.json
+#    then measured in the 32-prompt Austen journal beside the one-knob lookahead: the measure command of
+#    results/lookahead-austen-512 above with ,schedule:schedules/smollm2-135m-austen-512-lookahead-alpha.json added)
 # FITS: which schedules (temperature, head, lookahead: F from the one-step lookahead over the top TOP = 8;
 # lookahead-alpha: the same F with its weight held at F_WEIGHT in every bin and only the a_j matched, the rounds
 # starting from START, by default the temperature schedule's a_j, so list temperature first);
