@@ -122,7 +122,9 @@ def costs(root: Path) -> tuple[dict[str, dict], str]:
     if not path.is_file():
         return {}, ""
     bench = json.loads(path.read_text())
-    return {cost_kind(row["spec"]): row for row in bench["rows"] if row["batch_size"] == 16}, bench["machine"]
+    setting = (f"{bench['machine']}, {bench['max_new_tokens']} new tokens after {bench['prompt_tokens']}-token prompts"
+               if "max_new_tokens" in bench else bench["machine"])
+    return {cost_kind(row["spec"]): row for row in bench["rows"] if row["batch_size"] == 16}, setting
 
 
 def cost_cell(row: dict | None) -> str:
