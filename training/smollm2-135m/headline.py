@@ -7,7 +7,8 @@ min-p values) on either side of EntCE = 0, beside entropy-matched schedules; `me
 equal entropy* to equal_entropy.json there (temperature and min-p interpolated to EntCE = 0, every row's
 log loss paired with temperature's over the same prompts and seed). The commands that wrote them are in
 the README (*Entropy-matched schedules ...*) and in training/smollm2-135m/entropy_schedules.sh. A setting
-whose folder is missing is left out, so that the table only ever shows what was measured.
+whose folder is missing is left out, so that the table only ever shows what was measured. The s / token
+column is one side-by-side benchmark run (COST_COMMAND below), read by each row's cost kind.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def cost_kind(spec: str) -> str:
 
 
 def costs(root: Path) -> tuple[dict[str, dict], str]:
-    """({cost kind: the benchmark's batch-16 row}, its machine: "MODEL (dtype, device, ...)") from
-    ``root / BENCHMARK``, or ({}, "")."""
+    """({cost kind: the benchmark's batch-16 row}, what it ran on: "MODEL (dtype, device, ...), N new tokens
+    after P-token prompts") from ``root / BENCHMARK``, or ({}, "")."""
     path = root / BENCHMARK
     if not path.is_file():
         return {}, ""
