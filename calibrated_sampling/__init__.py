@@ -5,13 +5,13 @@ The package is one flat import package in five layers, lowest first. A module im
 layer or lower ones only, and no modules import each other in a circle, not even inside functions
 (tests/test_layers.py reads this map and checks both; a new module gets a place in it):
 
-    foundations   files, data, models, metrics
+    foundations   files, batch_store, data, models, metrics
     sampling      samplers, heads, calibrator, lookahead, value, lookahead_value, lookahead_schedule, schedule
     measurement   measure, mauve, journal
     training      label_store, labels, label_rows, train, fit, lookahead_fit, entropy_fit, entropy_markov, value_train, lookahead_value_fit, judge
     output        compare, report, theory, cli_common, cli_theory, cli_lookahead, cli
 
-- foundations: atomic file writes; human text as documents and prompt / continuation windows (and
+- foundations: atomic file writes, and per-batch stores that let long passes resume; human text as documents and prompt / continuation windows (and
   their padded batches); loading models offline and naming them (fingerprints, EOS and pad ids);
   entropy, log loss and diversity metrics.
 - sampling: what turns the model's p into the sampled q inside ``generate()``: sampler specs and
