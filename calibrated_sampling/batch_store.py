@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,3 +106,14 @@ class BatchStore:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def kept_or_run(store: BatchStore | None, index: int, run: Callable[..., dict[str, torch.Tensor]], *args) -> dict:
+    """Batch ``index`` from ``store``, or ``run(*args)``'s tensors with its time as ``seconds``, added to the store."""
+    done = None if store is None else store.get(index)
+    if done is None:
+        started = time.perf_counter()
+        done = {**run(*args), "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
+        if store is not None:
+            store.put(index, done)
+    return done

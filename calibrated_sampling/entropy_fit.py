@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from .batch_store import BatchStore
+from .batch_store import BatchStore, kept_or_run
 from .calibrator import FutureEntropyCalibrator, schedule_weights
 from .data import Window, batch_windows, cut_windows, windows_digest
 from .files import write_atomic
@@ -300,21 +300,15 @@ def generation_sums(model, head, windows: Sequence[Window], a: torch.Tensor, b: 
         for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="generate", unit="batch",
                                            disable=not progress)):
             batch = list(windows[start:start + batch_size])
-            done = None if store is None else store.get(index)
-            if done is None:
-                started = time.perf_counter()
-                done = {"sums": _batch_sums(model, recorder, batch, num_bins, bin_size, pad_id, max_new_tokens,
-                                            seed * 100_003 + index),
-                        "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
-                if store is not None:
-                    store.put(index, done)
+            done = kept_or_run(store, index, _batch_sums, model, recorder, batch, num_bins, bin_size, pad_id,
+                               max_new_tokens, seed * 100_003 + index)
             sums[start:start + len(batch)] = done["sums"]
     return sums
 
 
 def _batch_sums(model, recorder, batch: list[Window], num_bins: int, bin_size: int, pad_id: int,
-                max_new_tokens: int, seed: int) -> torch.Tensor:
-    """One batch of :func:`generation_sums`: (len(batch), num_bins, 4)."""
+                max_new_tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """One batch of :func:`generation_sums`: ``sums``, (len(batch), num_bins, 4)."""
     ids, mask = batch_windows(batch, pad_id, with_continuation=False)
     recorder.records.clear()
     record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device),
@@ -324,7 +318,7 @@ def _batch_sums(model, recorder, batch: list[Window], num_bins: int, bin_size: i
     running = record.running[:, :steps].double()[..., None]  # (B, steps, 1)
     bins = torch.arange(steps) // bin_size
     sums = torch.zeros(len(batch), num_bins, 4, dtype=torch.float64)
-    return sums.index_add_(1, bins, torch.cat([running, stats * running], -1).cpu())
+    return {"sums": sums.index_add_(1, bins, torch.cat([running, stats * running], -1).cpu())}
 
 
 def _human_chunks(model, head, windows: Sequence[Window], *, max_new_tokens: int, bin_size: int, pad_id: int,

@@ -20,13 +20,12 @@ the law of human text, so the model-based 1 / sqrt(sum_i c_i) (reported beside i
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from .batch_store import BatchStore
+from .batch_store import BatchStore, kept_or_run
 from .data import Window
 from .lookahead import DEFAULT_TOP, LookaheadEntropy, LookaheadProcessor, LookaheadSampler
 from .measure import teacher_forced
@@ -71,16 +70,12 @@ def candidate_rows(model: PreTrainedModel, tokenizer, windows: list[Window], top
         # C + 1 tokens per row: minutes on a CPU at a fit's size, so it shows its progress
         for index, start in enumerate(tqdm(range(0, len(windows), batch_size), desc="lookahead pass", unit="batch",
                                            disable=not progress)):
-            done = None if store is None else store.get(index)
-            if done is None:
-                started = time.perf_counter()
+            def run(start=start) -> dict[str, torch.Tensor]:
                 recorder.steps.clear()
                 teacher_forced(model, recorder, windows[start:start + batch_size], pad_id)
-                done = {"candidates": torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu(),  # (B*T, C)
-                        "entropies": torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu(),
-                        "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
-                if store is not None:
-                    store.put(index, done)
+                return {"candidates": torch.stack([c for _, c, _ in recorder.steps], 1).flatten(0, 1).cpu(),  # (B*T, C)
+                        "entropies": torch.stack([h for _, _, h in recorder.steps], 1).flatten(0, 1).float().cpu()}
+            done = kept_or_run(store, index, run)
             candidates.append(done["candidates"])
             entropies.append(done["entropies"])
     return torch.cat(candidates), torch.cat(entropies)

@@ -12,7 +12,6 @@ back in batch order. Each batch is seeded by its index, so the result equals a o
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .batch_store import BatchStore
+from .batch_store import BatchStore, kept_or_run
 from .data import Window, batch_windows, left_padded_positions
 from .metrics import (
     distinct_n,
@@ -288,15 +287,8 @@ def measure(
             for index in mine:
                 batch = batches[index]
                 bar.set_postfix_str(sampler.spec)
-                kept = None if store is None else store.get(index)
-                if kept is None:
-                    started = time.perf_counter()
-                    forced, gen = _measure_batch(model, sampler, batch, pad_id, steps, seed * 100_003 + index,
-                                                 stop_at_eos)
-                    kept = {**{f"forced.{k}": v for k, v in forced.items()}, **{f"gen.{k}": v for k, v in gen.items()},
-                            "seconds": torch.tensor(time.perf_counter() - started, dtype=torch.float64)}
-                    if store is not None:
-                        store.put(index, kept)
+                kept = kept_or_run(store, index, _measure_batch, model, sampler, batch, pad_id, steps,
+                                   seed * 100_003 + index, stop_at_eos)
                 seconds += float(kept["seconds"])
                 parts.append((index, {k[7:]: v for k, v in kept.items() if k.startswith("forced.")},
                               {k[4:]: v for k, v in kept.items() if k.startswith("gen.")}))
@@ -311,13 +303,14 @@ def measure(
 
 
 def _measure_batch(model, sampler: Sampler, batch: list[Window], pad_id: int, steps: int, seed: int,
-                   stop_at_eos: bool) -> tuple[dict, dict]:
-    """One batch of :func:`measure`: its teacher-forced tensors and its generation's, on the CPU."""
+                   stop_at_eos: bool) -> dict[str, torch.Tensor]:
+    """One batch of :func:`measure`: its teacher-forced tensors (``forced.*``) and its generation's (``gen.*``),
+    on the CPU."""
     forced = teacher_forced(model, sampler, batch, pad_id, keep_prompt_cache=True)
     ids, mask = batch_windows(batch, pad_id, with_continuation=False)
     # One seed per batch: a sampler's samples do not depend on which samplers ran before
     # (nor on which process ran the batch).
     record = generate_with_entropy(model, ids.to(model.device), mask.to(model.device), sampler.processors,
                                    steps, seed=seed, stop_at_eos=stop_at_eos, cache=forced["cache"])
-    return ({k: v for k, v in forced.items() if k != "cache"},
-            {"sequences": record.sequences, "entropy": record.entropy, "running": record.running})
+    return {**{f"forced.{k}": v for k, v in forced.items() if k != "cache"},
+            "gen.sequences": record.sequences, "gen.entropy": record.entropy, "gen.running": record.running}
