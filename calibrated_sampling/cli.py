@@ -522,7 +522,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--data", default="pydoc", help="any `measure --data` spec")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small grids, 16 prompts x 48 tokens (the default)")
-    size.add_argument("--full", action="store_true", help="fuller grids, 64 prompts x 256 tokens (the README's)")
+    size.add_argument("--full", action="store_true", help="fuller grids, 64 prompts x 256 tokens (docs/results.md's)")
     p.add_argument("--heads", default=None, help="comma-separated fitted head folders (calibrated:DIR samplers)")
     p.add_argument("--schedules", default=None,
                    help="comma-separated schedule files (`fit --out FILE`, schedule:FILE samplers), read against "

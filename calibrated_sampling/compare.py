@@ -44,7 +44,7 @@ from .schedule import load_schedule
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes and grids of one comparison (``--quick``: minutes on a laptop CPU; ``--full``: the README's)."""
+    """Sizes and grids of one comparison (``--quick``: minutes on a laptop CPU; ``--full``: docs/results.md's)."""
 
     num_prompts: int  # eval-split prompts, every sampler on the same ones
     max_new_tokens: int  # generated (and human) tokens per prompt

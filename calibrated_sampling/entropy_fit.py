@@ -407,7 +407,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
             interruption costs one batch at most.
         f_weight: F's weight b held fixed, the same in every bin, with only the a_j matched (None: b_j
             fitted per bin and scaled by the multiplier search). A per-bin b reaches forward into later
-            bins' states, and 24-32 fit prompts pin it down too loosely held out (README, *The lookahead's
+            bins' states, and 24-32 fit prompts pin it down too loosely held out (docs/results.md, *The lookahead's
             entropy-matched schedule*); one weight fitted to log loss elsewhere (``lookahead-fit``) does not.
         start_a: the a_j of the first round (default all 1), e.g. a per-step temperature schedule's: each
             round samples every fit prompt, and a start near the answer saves rounds.

@@ -87,3 +87,19 @@ def test_the_cost_column_reads_one_side_by_side_benchmark_by_kind(tmp_path):
     # the lookahead's schedule at top 16: any schedule file with that F is the same kind
     assert lines[-1].endswith(f"{1 / 10:.4f} (0.20) |")
     assert "50.0 tokens/s there" in run(tmp_path)
+
+
+def test_only_names_settings_and_refuses_an_unknown_one(tmp_path):
+    for folder in ("schedules-pydoc-256", "schedules-pydoc-128"):
+        shutil.copytree(f"results/{folder}", tmp_path / folder)
+    every = run(tmp_path)
+    assert "| pydoc 256 |" in every and "| pydoc 128 |" in every
+    readme = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path), "--only", "README"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "| pydoc 256 |" in readme and "| pydoc 128 |" not in readme  # pydoc 128 is not on the README's screen
+    named = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path), "--only", "pydoc 128"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| pydoc 128 |" in named and "| pydoc 256 |" not in named
+    wrong = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path), "--only", "pydoc 999"],
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "`--only` 'pydoc 999'" in wrong.stderr and "pydoc 128" in wrong.stderr

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fit the shipped head's weights and measure the result on held-out text (the README's calibrated result).
+# Fit the shipped head's weights and measure the result on held-out text (docs/results.md, *Calibrated sampling on held-out text*).
 # Fit: untied (a_t, b_t) per 32-step bin on the fit side of pydoc; measure: the eval side, never seen by
 # labels, head or fit. The fit is the log-loss one (`--objective log-loss`; the entropy-matched schedules have
 # their own recipe, entropy_schedules.sh). T is the generation length the schedule covers; FIT_OUT writes the

@@ -5,7 +5,7 @@
 # (text the head never saw; ../shared/data/austen holds the six novels as plain text, e.g. from Project
 # Gutenberg), 48 fit prompts, 128 held-out prompts:
 #   training/smollm2-135m/entropy_schedules.sh
-# The README's results:
+# The results of docs/results.md:
 #   FITS=head PROMPTS=64 BASE= OUT=results/schedules-austen-512 training/smollm2-135m/entropy_schedules.sh
 #     (then the same with FITS="head temperature": the journal resumes, only the new schedule is measured)
 #   DATA=pydoc T=256 NAME=pydoc-256 FIT_PROMPTS=32 ROUNDS=16 PROMPTS=64 OUT=results/schedules-pydoc-256 \
@@ -15,7 +15,7 @@
 #    ... TEMPERATURE=temperature=0.9,temperature=0.91,min_p=0.0005628,min_p=0.0006973,\
 #    lookahead:alpha=0.1005:top=16:temperature=0.92,lookahead:alpha=0.1005:top=16:temperature=0.93 ...)
 #   (the exact two-step F at EntCE 0 on pydoc 128: alpha from results/lookahead-fit/pydoc-two-step.json, added to
-#    the pydoc-128 run (README, *The lookahead's entropy-matched schedule*): ... TEMPERATURE=...,lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.92,\
+#    the pydoc-128 run (docs/results.md, *The lookahead's entropy-matched schedule*): ... TEMPERATURE=...,lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.92,\
 #    lookahead2:alpha=0.1069:top=8:top2=8:temperature=0.94; then twice the one-step weight, the same way:
 #    ...,lookahead:alpha=0.2:top=16:temperature=0.93,...:temperature=0.95,...:temperature=0.97; and the learned state
 #    value, alpha from results/lookahead-fit/pydoc-value-h16.json: ...,lookahead-value:heads/smollm2-135m-value:\

@@ -1,12 +1,16 @@
 """The headline table: every sampler at equal entropy (EntCE = 0), on every text and model measured.
 
     python training/smollm2-135m/headline.py [--out results/headline/headline.md]
+    python training/smollm2-135m/headline.py --only README --out results/headline/readme.md
+
+The first writes every setting (docs/results.md's table), the second the README's first screen: the settings
+of README_SETTINGS, or any comma-separated short names of SETTINGS.
 
 Each setting is one committed `measure` run whose samplers include two temperatures (and optionally two
 min-p values) on either side of EntCE = 0, beside entropy-matched schedules; `measure` wrote its table *At
 equal entropy* to equal_entropy.json there (temperature and min-p interpolated to EntCE = 0, every row's
 log loss paired with temperature's over the same prompts and seed). The commands that wrote them are in
-the README (*Entropy-matched schedules ...*) and in training/smollm2-135m/entropy_schedules.sh. A setting
+docs/results.md (*Entropy-matched schedules ...*) and in training/smollm2-135m/entropy_schedules.sh. A setting
 whose folder is missing is left out, so that the table only ever shows what was measured. The s / token
 column is one side-by-side benchmark run (COST_COMMAND below), read by each row's cost kind.
 """
@@ -25,7 +29,7 @@ from calibrated_sampling.files import write_atomic
 from calibrated_sampling.lookahead import parse_lookahead
 from calibrated_sampling.lookahead_value import parse_lookahead2, parse_lookahead_value
 
-# (short name, model and text, folder under --results): the order of the README's headline
+# (short name, model and text, folder under --results): the order of the tables
 SETTINGS = (
     ("pydoc 256", "SmolLM2-135M on pydoc", "schedules-pydoc-256"),
     ("Austen 512", "SmolLM2-135M on Jane Austen", "schedules-austen-512-128"),
@@ -34,6 +38,8 @@ SETTINGS = (
     ("stdlib code 256", "SmolLM2-135M on the standard library's Python code", "lookahead-stdlib-code-256"),
     ("Gemma pydoc 128", "Gemma-3-270M on pydoc", "schedules-gemma3-270m-pydoc-128"),
 )
+# the README's first table: the issue's three settings, and Austen's 32-prompt run, where the lookahead is read
+README_SETTINGS = ("pydoc 256", "Austen 512", "Austen 512, 32 prompts", "Gemma pydoc 128")
 # a schedule's F kind (its file's "future") -> the row's name, formatted with the file's "future" entry
 SCHEDULE_NAMES = {"none": "per-step temperature schedule", "head": "the head's schedule (F: shipped head)",
                   "lookahead": "the lookahead's schedule (F: exact one-step, top {top})"}
@@ -141,11 +147,23 @@ def cells(row: dict, reference: str) -> list[str]:
     return [entce, delta, f"{row['distinct_2']:.3f}", f"{row['seq_rep_4']:.3f}", f"{row['max_abs_bin_entce']:.2f}"]
 
 
-def table(root: Path) -> str:
+def chosen_settings(only: str | None) -> tuple[tuple[str, str, str], ...]:
+    """SETTINGS, or those named by ``only``: "README" (README_SETTINGS) or comma-separated short names."""
+    if only is None:
+        return SETTINGS
+    names = README_SETTINGS if only == "README" else tuple(name.strip() for name in only.split(","))
+    known = [short for short, _, _ in SETTINGS]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"`--only` {only!r} names no setting {unknown}; the settings are README or any of {known}")
+    return tuple(setting for setting in SETTINGS if setting[0] in names)
+
+
+def table(root: Path, settings: tuple[tuple[str, str, str], ...] = SETTINGS) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     sources, machines = [], set()
     timed, timed_on = costs(root)
-    for short, title, folder in SETTINGS:
+    for short, title, folder in settings:
         path = root / folder / "equal_entropy.json"
         if not path.exists():
             continue
@@ -180,8 +198,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results")
     parser.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    parser.add_argument("--only", default=None,
+                        help="README (the README's settings) or comma-separated short names of settings; default: all")
     args = parser.parse_args()
-    text = table(Path(args.results))
+    try:
+        settings = chosen_settings(args.only)
+    except ValueError as error:
+        parser.error(str(error))
+    text = table(Path(args.results), settings)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

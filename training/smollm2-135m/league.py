@@ -3,7 +3,7 @@ of the human-vs-model gap it sees, what human log loss makes of it, and what it 
 
     python training/smollm2-135m/league.py [--out results/league/league.md]
 
-Every figure is read from a committed result that a command in the README wrote (nothing is measured here):
+Every figure is read from a committed result that a command in docs/results.md wrote (nothing is measured here):
 
 - within-context correlation with the exact one-step F on the 272 held-out `onestep` contexts (train-head's
   validation split; `metrics.json` of each head; the exact one-step lookahead is that judge, so 1 by definition);
@@ -112,7 +112,7 @@ def why_table(root: Path) -> str:
         "\n\nwhy: the human gap at alpha = 0 on the fit side (24 windows x 256 tokens), F the exact one-step entropy;"
         " the log loss's slope in alpha at 0 is the share times the gap, its curvature the share times Var_p F,"
         " so alpha ~ -gap / Var_p F. Δ at EntCE 0: the one-step lookahead at pydoc's alpha 0.1005 with its own"
-        " temperature against temperature, paired, from the README's equal-entropy runs; price / temperature's: the"
+        " temperature against temperature, paired, from the equal-entropy runs of docs/results.md; price / temperature's: the"
         " lookahead's log-loss price over the base as a share of temperature's")
 
 

@@ -78,7 +78,7 @@ def main() -> None:
         f"{returns['max_new_tokens']}-token generation of the base model.",
         "",
         "Data: pydoc (`pydoc_data.topics`), `fit` side of the document-hash split only; everything this "
-        "head is judged on in the README uses the `eval` side.",
+        "head is judged on in docs/results.md uses the `eval` side.",
         f"- returns labels: {returns['windows']} prompts, {returns['max_new_tokens']} sampled tokens each, every "
         f"step a row, target = entropies to the end of the generation; trained on TD(lambda = "
         f"{label_record['td_lambda']}) targets bootstrapped after n = {label_record['td_n']} steps from the "
