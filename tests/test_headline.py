@@ -103,3 +103,19 @@ def test_only_names_settings_and_refuses_an_unknown_one(tmp_path):
     wrong = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path), "--only", "pydoc 999"],
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and "`--only` 'pydoc 999'" in wrong.stderr and "pydoc 128" in wrong.stderr
+
+
+def test_the_plot_draws_every_row_but_the_reference(tmp_path):
+    from importlib import util
+
+    spec = util.spec_from_file_location("headline", SCRIPT)
+    headline = util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    shutil.copytree("results/schedules-pydoc-256", tmp_path / "schedules-pydoc-256")
+    rows = json.loads((tmp_path / "schedules-pydoc-256" / "equal_entropy.json").read_text())["rows"]
+    out = tmp_path / "plot" / "headline.png"
+    drawn = headline.plot(tmp_path, headline.SETTINGS, out)
+    assert drawn == len(rows) - 1  # temperature, the reference, is the line at 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert headline.plot(tmp_path / "nothing", headline.SETTINGS, tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()

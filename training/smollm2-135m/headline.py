@@ -1,7 +1,8 @@
 """The headline table: every sampler at equal entropy (EntCE = 0), on every text and model measured.
 
-    python training/smollm2-135m/headline.py [--out results/headline/headline.md]
-    python training/smollm2-135m/headline.py --only README --out results/headline/readme.md
+    python training/smollm2-135m/headline.py --out results/headline/headline.md --plot results/headline/headline.png
+    python training/smollm2-135m/headline.py --only README --out results/headline/readme.md \
+        --plot results/headline/readme.png
 
 The first writes every setting (docs/results.md's table), the second the README's first screen: the settings
 of README_SETTINGS, or any comma-separated short names of SETTINGS.
@@ -159,27 +160,38 @@ def chosen_settings(only: str | None) -> tuple[tuple[str, str, str], ...]:
     return tuple(setting for setting in SETTINGS if setting[0] in names)
 
 
-def table(root: Path, settings: tuple[tuple[str, str, str], ...] = SETTINGS) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    sources, machines = [], set()
-    timed, timed_on = costs(root)
+def measured_settings(root: Path, settings: tuple[tuple[str, str, str], ...]) -> list[dict]:
+    """Every setting of ``settings`` measured under ``root``: its short name, title, equal_entropy.json path,
+    reference spec, the run's settings and model, and its rows as (spec, readable name, row) in table order."""
+    found = []
     for short, title, folder in settings:
         path = root / folder / "equal_entropy.json"
         if not path.exists():
             continue
         matched = json.loads(path.read_text())
-        rows = matched["rows"]
         measured = json.loads((root / folder / "results.json").read_text())
         matches = measured_matches(measured["samplers"])
-        same_model = measured["model"] == timed_on.split(" ")[0]  # the benchmark timed one model
-        for spec, (_, name) in sorted(((spec, row_name(spec, row, matches)) for spec, row in rows.items()),
-                                      key=lambda item: item[1]):
+        named = sorted(((spec, row_name(spec, row, matches)) for spec, row in matched["rows"].items()),
+                       key=lambda item: item[1])
+        found.append({"short": short, "title": title, "path": path, "reference": matched["reference"],
+                      "settings": measured["settings"], "model": measured["model"],
+                      "rows": [(spec, name, matched["rows"][spec]) for spec, (_, name) in named]})
+    return found
+
+
+def table(root: Path, settings: tuple[tuple[str, str, str], ...] = SETTINGS) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    sources, machines = [], set()
+    timed, timed_on = costs(root)
+    for setting in measured_settings(root, settings):
+        same_model = setting["model"] == timed_on.split(" ")[0]  # the benchmark timed one model
+        for spec, name, row in setting["rows"]:
             cost = cost_cell(timed.get(cost_kind(spec)) if same_model else None)
-            lines.append("| " + " | ".join([short, name, *cells(rows[spec], matched["reference"]), cost]) + " |")
-        settings = measured["settings"]  # the run's own record of its size, not the setting's name
-        machines.add(settings["machine"])
-        sources.append(f"{short}: {title}, {settings['num_prompts']} held-out prompts x {settings['max_new_tokens']}"
-                       f" tokens, seed {settings['seed']} (`{path}`)")
+            lines.append("| " + " | ".join([setting["short"], name, *cells(row, setting["reference"]), cost]) + " |")
+        size = setting["settings"]  # the run's own record of its size, not the setting's name
+        machines.add(size["machine"])
+        sources.append(f"{setting['short']}: {setting['title']}, {size['num_prompts']} held-out prompts x "
+                       f"{size['max_new_tokens']} tokens, seed {size['seed']} (`{setting['path']}`)")
     if not sources:
         return "nothing measured yet (training/smollm2-135m/entropy_schedules.sh writes the settings)"
     plain = next(iter(timed.values()), None)
@@ -194,10 +206,67 @@ def table(root: Path, settings: tuple[tuple[str, str, str], ...] = SETTINGS) -> 
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
+def plot(root: Path, settings: tuple[tuple[str, str, str], ...], path: Path, clip: float = 0.025) -> int:
+    """Every non-reference row's log-loss difference to temperature at EntCE = 0, ±2 paired s.e., one block
+    per setting: what the table says, at a glance. Differences past ``clip`` nats (min-p's truncation) sit at
+    the edge with their value written. Returns the number of rows drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: the machines that run this have no screen
+    import matplotlib.pyplot as plt
+
+    colours = {"lookahead": "tab:blue", "head": "tab:orange", "none": "tab:green", "min_p": "tab:grey"}
+    drawn: list[tuple[str, dict, str]] = []  # (label, row, colour)
+    blocks: list[tuple[str, int]] = []  # (setting, rows in it)
+    for setting in measured_settings(root, settings):
+        rows = [(name, row, spec) for spec, name, row in setting["rows"] if row["spec"] != setting["reference"]]
+        for name, row, spec in rows:
+            kind = cost_kind(spec)
+            family = ("lookahead" if "lookahead" in kind else "head" if "calibrated" in kind or "F head" in kind
+                      else "min_p" if kind == "min_p" else "none")
+            label = re.sub(r" [\d.e-]+ / [\d.e-]+, interpolated \(≈ [\d.e-]+\)$", "", name)
+            drawn.append((label + (" †" if row["paired_smoothed"] else ""), row, colours[family]))
+        blocks.append((setting["short"], len(rows)))
+    if not drawn:
+        return 0
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(drawn) + 0.35 * len(blocks) + 1.2))
+    y, ticks, labels = 0.0, [], []
+    for (setting, count), start in zip(blocks, [sum(c for _, c in blocks[:i]) for i in range(len(blocks))]):
+        ax.text(-clip, y - 0.4, setting, fontsize=9, fontweight="bold", va="center", ha="left")
+        y -= 1.0
+        for label, row, colour in drawn[start:start + count]:
+            x, err = row["paired_difference"], 2 * row["paired_stderr"]
+            schedule = row["entce_stderr"] is not None  # its own EntCE, measured, not interpolated to 0
+            if x > clip:
+                ax.plot(clip, y, ">", color=colour)
+                ax.text(clip * 0.97, y + 0.25, f"{x:+.3f}", fontsize=7, ha="right", va="bottom", color=colour)
+            else:
+                ax.errorbar(x, y, xerr=err, fmt="s" if schedule else "o", color=colour, capsize=2, markersize=4)
+            ticks.append(y)
+            labels.append(label)
+            y -= 1.0
+        y -= 0.3
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-clip, clip)
+    ax.set_yticks(ticks, labels, fontsize=7)
+    ax.set_xlabel("Δ log loss vs temperature at EntCE = 0 (nats), ±2 paired s.e.: left of 0 beats temperature")
+    ax.set_title("at equal entropy (squares: entropy-matched schedules, their own held-out EntCE)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    meaning = {"lookahead": "F: runs the LM on each candidate", "head": "F: a head on the hidden state",
+               "none": "no F: temperatures only", "min_p": "truncation"}
+    ax.legend(handles=[matplotlib.lines.Line2D([], [], color=colours[family], marker="o", linestyle="", label=text)
+                       for family, text in meaning.items()], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return len(drawn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results")
     parser.add_argument("--out", default=None, help="also write the tables (markdown) here")
+    parser.add_argument("--plot", default=None, help="also draw every row's log-loss difference here (PNG)")
     parser.add_argument("--only", default=None,
                         help="README (the README's settings) or comma-separated short names of settings; default: all")
     args = parser.parse_args()
@@ -210,6 +279,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, text + "\n")
+    if args.plot:
+        plot(Path(args.results), settings, Path(args.plot))
 
 
 if __name__ == "__main__":
