@@ -7,7 +7,7 @@ layer or lower ones only, and no modules import each other in a circle, not even
 
     foundations   files, batch_store, data, models, metrics
     sampling      samplers, heads, calibrator, lookahead, value, lookahead_value, lookahead_schedule, schedule
-    measurement   measure, mauve, journal
+    measurement   measure, mauve, journal, equal_entropy
     training      label_store, labels, label_rows, train, fit, lookahead_fit, entropy_fit, entropy_markov, value_train, lookahead_value_fit, judge
     output        compare, report, theory, cli_common, cli_theory, cli_lookahead, cli
 
@@ -19,7 +19,7 @@ layer or lower ones only, and no modules import each other in a circle, not even
   the state-value head, the lookaheads beyond one step (state value after each candidate, two-step)
   and the schedule whose F is the one-step lookahead.
 - measurement: one pass that measures human log loss and generation entropy per sampler; MAUVE; the
-  journal that keeps finished measurements.
+  journal that keeps finished measurements; every method read at equal entropy from measurements.
 - training: future-entropy labels and their folders, head and state-value training, the fits of the
   calibration weights and of the lookaheads' alpha (they drive measurement passes, so they sit above them).
 - output: the sampler comparison, the files and plots of a run (results.json, report.md), the

@@ -501,7 +501,7 @@ def _check_head_folder(spec: str, head_dir: str, pinned: str | None) -> str:
 
 def calibrated_options(spec: str) -> dict:
     """The options of a calibrated spec or key with its folder as ``folder``: the form
-    :data:`.compare.TEMPERABLE` reads families from."""
+    :data:`.equal_entropy.TEMPERABLE` reads families from."""
     head_dir, options = parse_calibrated(spec)
     return {**options, "folder": head_dir}
 

@@ -28,7 +28,7 @@ def _load(args):
 
 
 def cmd_measure(args) -> int:
-    from .compare import measured_equal_entropy
+    from .equal_entropy import measured_equal_entropy
     from .measure import measure
     from .report import format_equal_entropy, format_table, plot_curves, write_results
     from .samplers import check_specs, resolve_samplers, split_specs

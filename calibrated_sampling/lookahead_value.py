@@ -241,7 +241,7 @@ def parse_lookahead_value(spec: str) -> tuple[str, dict]:
 
 def value_options(spec: str) -> dict:
     """The options of a lookahead-value spec or key with its folder as ``folder``: the form
-    :data:`.compare.TEMPERABLE` reads families from."""
+    :data:`.equal_entropy.TEMPERABLE` reads families from."""
     folder, options = parse_lookahead_value(spec)
     return {**options, "folder": folder}
 

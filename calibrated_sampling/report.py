@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the machines that run this have no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .compare import KNOBS, at_zero, bin_calibration, family  # noqa: E402
+from .equal_entropy import KNOBS, at_zero, bin_calibration, family  # noqa: E402
 from .files import write_atomic  # noqa: E402
 from .metrics import BIN_STEPS  # noqa: E402
 
@@ -188,7 +188,7 @@ def _matched_cells(name: str, m: dict) -> list[str]:
 
 def format_equal_entropy(payload: dict) -> list[str]:
     """The table "At equal entropy (EntCE = 0)": every matched knob and schedule against temperature there
-    (payload["equal_entropy"], compare.equal_entropy); no lines for a payload without it."""
+    (payload["equal_entropy"], equal_entropy.equal_entropy); no lines for a payload without it."""
     equal = payload.get("equal_entropy")
     if not equal or not equal["rows"]:
         return []

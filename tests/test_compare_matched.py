@@ -12,10 +12,10 @@ from conftest import EOS_ID, VOCAB, make_tokenizer
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper
 
 from calibrated_sampling.cli import main
-from calibrated_sampling.compare import (
+from calibrated_sampling.compare import find_root
+from calibrated_sampling.equal_entropy import (
     equal_entropy,
     family,
-    find_root,
     interpolate_at_zero,
     matched_entry,
     measured_equal_entropy,

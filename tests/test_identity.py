@@ -13,7 +13,8 @@ from test_compare import random_windows
 from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
 from calibrated_sampling import compare as compare_module
-from calibrated_sampling.compare import PRESETS, Comparison, family, grid_specs, journal_key
+from calibrated_sampling.compare import PRESETS, Comparison, grid_specs, journal_key
+from calibrated_sampling.equal_entropy import family
 from calibrated_sampling.heads import FutureEntropyHead, HeadConfig
 from calibrated_sampling.samplers import (
     SAMPLER_KINDS,

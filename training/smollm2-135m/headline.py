@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from calibrated_sampling.calibrator import parse_calibrated
-from calibrated_sampling.compare import TEMPERED, measured_matches
+from calibrated_sampling.equal_entropy import TEMPERED, measured_matches
 from calibrated_sampling.files import write_atomic
 from calibrated_sampling.lookahead import parse_lookahead
 from calibrated_sampling.lookahead_value import parse_lookahead2, parse_lookahead_value
