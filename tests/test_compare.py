@@ -10,6 +10,7 @@ from calibrated_sampling import compare as compare_module
 from calibrated_sampling.cli import main
 from calibrated_sampling.compare import Comparison, Preset, find_root, reuse_decoder_pass, run_comparison
 from calibrated_sampling.data import Window, batch_windows
+from calibrated_sampling.equal_entropy import family
 from calibrated_sampling.lookahead import parse_lookahead
 from calibrated_sampling.lookahead_fit import (
     fit_alpha,
@@ -265,7 +266,7 @@ def test_cli_compare_end_to_end_and_deterministic(tmp_path, tiny_model, capsys):
     assert {"model", "data", "settings", "samplers", "matched"} <= set(results)
     # The lookahead's own temperature is searched too, from the lookahead itself (T = 1) and temperature's match.
     lookahead_knob, = set(results["matched"]) - {"temperature", "top_p", "min_p"}
-    assert lookahead_knob == compare_module.family(results["lookahead"]["spec"] + ":temperature=0.5")[0]
+    assert lookahead_knob == family(results["lookahead"]["spec"] + ":temperature=0.5")[0]
     tempered = results["matched"][lookahead_knob]
     history = dict(map(tuple, tempered["history"]))
     assert history[1.0] == results["samplers"][results["lookahead"]["spec"]]["entce"]
