@@ -215,25 +215,27 @@ def plot(root: Path, settings: tuple[tuple[str, str, str], ...], path: Path, cli
     import matplotlib.pyplot as plt
 
     colours = {"lookahead": "tab:blue", "head": "tab:orange", "none": "tab:green", "min_p": "tab:grey"}
-    drawn: list[tuple[str, dict, str]] = []  # (label, row, colour)
-    blocks: list[tuple[str, int]] = []  # (setting, rows in it)
+    blocks: list[tuple[str, list[tuple[str, dict, str]]]] = []  # (setting, [(label, row, colour)])
     for setting in measured_settings(root, settings):
-        rows = [(name, row, spec) for spec, name, row in setting["rows"] if row["spec"] != setting["reference"]]
-        for name, row, spec in rows:
-            kind = cost_kind(spec)
+        drawn = []
+        for spec, name, row in setting["rows"]:
+            if row["spec"] == setting["reference"]:
+                continue  # temperature: the line at 0
+            kind = cost_kind(spec)  # what F the row uses: its cost kind names it ("schedule, F head", ...)
             family = ("lookahead" if "lookahead" in kind else "head" if "calibrated" in kind or "F head" in kind
                       else "min_p" if kind == "min_p" else "none")
-            label = re.sub(r" [\d.e-]+ / [\d.e-]+, interpolated \(≈ [\d.e-]+\)$", "", name)
+            label = re.sub(r" [\d.e-]+ / [\d.e-]+, interpolated \(≈ [\d.e-]+\)$", "", name)  # the knob's bracket
             drawn.append((label + (" †" if row["paired_smoothed"] else ""), row, colours[family]))
-        blocks.append((setting["short"], len(rows)))
-    if not drawn:
+        blocks.append((setting["short"], drawn))
+    count = sum(len(drawn) for _, drawn in blocks)
+    if not count:
         return 0
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(drawn) + 0.35 * len(blocks) + 1.2))
+    fig, ax = plt.subplots(figsize=(11, 0.28 * count + 0.35 * len(blocks) + 1.2))
     y, ticks, labels = 0.0, [], []
-    for (setting, count), start in zip(blocks, [sum(c for _, c in blocks[:i]) for i in range(len(blocks))]):
+    for setting, drawn in blocks:
         ax.text(-clip, y - 0.4, setting, fontsize=9, fontweight="bold", va="center", ha="left")
         y -= 1.0
-        for label, row, colour in drawn[start:start + count]:
+        for label, row, colour in drawn:
             x, err = row["paired_difference"], 2 * row["paired_stderr"]
             schedule = row["entce_stderr"] is not None  # its own EntCE, measured, not interpolated to 0
             if x > clip:
@@ -259,7 +261,7 @@ def plot(root: Path, settings: tuple[tuple[str, str, str], ...], path: Path, cli
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return len(drawn)
+    return count
 
 
 def main() -> None:
