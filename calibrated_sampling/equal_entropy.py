@@ -35,20 +35,14 @@ def finite_number(value) -> bool:
 # so its EntCE falls steeply near 0: it is searched on a log scale.
 KNOBS = {"temperature": (1.0, (0.5, 1.5), False), "top_p": (1.0, (0.2, 1.0), False),
          "min_p": (None, (1e-5, 0.5), True)}
-
-
 # The family suffix of a method with a temperature of its own (``lookahead:alpha=A:top=C:temperature=T``): in a
 # ``measure`` run its temperature is a knob read at EntCE = 0 like temperature's, T = 1 being the method itself.
 TEMPERED = " + temperature"
-
-
 # The kinds of method that take a temperature of their own: kind -> (parse a spec's options, their canonical key).
 # A calibrated head takes one in its fixed-weight form only (``calibrated:HEAD_DIR:alpha=A:temperature=T``).
 TEMPERABLE = {"lookahead": (parse_lookahead, lookahead_key), "lookahead2": (parse_lookahead2, two_step_key),
               "lookahead-value": (value_options, value_family_key),
               "calibrated": (calibrated_options, calibrated_family_key)}
-
-
 INTERPOLATED = ("log_loss", "log_loss_smoothed", "truncated_fraction", "gen_entropy", "distinct_2", "self_bleu",
                 "seq_rep_4")  # read at EntCE = 0 between the two measurements that bracket it
 
