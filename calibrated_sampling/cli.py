@@ -290,7 +290,7 @@ def _fit_windows(args, tokenizer):
 
 
 def _fit_entropy(args) -> int:
-    from .entropy_fit import fit_entropy_matched, store_paths
+    from .entropy_fit import fit_entropy_matched, secant_slope, store_paths
     from .models import load_model
     from .schedule import describe_schedule, load_schedule, save_schedule
 
@@ -300,17 +300,20 @@ def _fit_entropy(args) -> int:
     rounds = Path(args.out).with_suffix(".rounds.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     future = ("lookahead", args.lookahead_top) if args.lookahead_top else args.head or "none"
-    start_a = None
+    start_a = start_slope = None
     if args.start is not None:  # another schedule's a_j (same model and T) start the rounds
         start = load_schedule(args.start, model, tokenizer, args.max_new_tokens)
         if start.bin_size != args.bin_size:
             raise ValueError(f"`--start` {args.start} has {start.bin_size}-step bins, but `--bin-size` is "
                              f"{args.bin_size}")
         start_a = list(start.a)
+        # Its own rounds measured how its bins' gaps move with a_j: round 1's step is sized by that slope.
+        secant = secant_slope(start.report.get("history", []))
+        start_slope = None if secant is None else secant.tolist()
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=args.max_new_tokens, bin_size=args.bin_size,
                               future=future, batch_size=args.batch_size, seed=args.seed,
                               max_rounds=args.max_rounds, checkpoint=rounds, f_weight=args.f_weight,
-                              start_a=start_a)
+                              start_a=start_a, start_slope=start_slope)
     fit["report"].update(model=args.model, data=args.data, prompt_tokens=args.prompt_tokens, machine=common.machine(),
                          version=__version__)
     report = fit["report"]
@@ -511,7 +514,8 @@ def _add_fit_parser(sub) -> None:
                    help="entropy: hold F's weight b at this value in every bin and match only the a_j (e.g. the "
                         "alpha of `lookahead-fit`); default: b fitted per bin")
     p.add_argument("--start", default=None,
-                   help="entropy: a schedule file (same model, T and bin size) whose a_j start the rounds")
+                   help="entropy: a schedule file (same model, T and bin size) whose a_j start the rounds, "
+                        "and whose last two rounds' slope sizes the first step")
     p.set_defaults(func=cmd_fit)
 
 

@@ -32,7 +32,8 @@ and d LL/da = E_q l - l(y), d LL/db = F(y) - E_q F on the human side. What the s
 approximation that the next round's measurement corrects. On SmolLM2 the true slope is steeper
 (a cooler bin makes the text that later bins read more repetitive), so a pure Newton step overshoots
 and the rounds oscillate; from the second round on, a bin whose gap moved more than the closed form
-predicts takes the measured secant slope of its last two rounds instead. The multiplier search is likewise
+predicts takes the measured secant slope of its last two rounds instead; in the first round, the
+start schedule's own secant does, where one is given (``start_slope``). The multiplier search is likewise
 linearised: for a candidate m the re-matched a_j(m) is predicted from d gap/db, and the log loss at
 (a_j(m), m b_j) is computed exactly on the cached human side. The fit stops when every bin's gap
 is within its standard error; the schedule returned is the one whose gaps were measured (never an
@@ -389,7 +390,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
                         future="none", batch_size: int = 8, seed: int = 0, max_rounds: int = 8,
                         multipliers: Sequence[float] | float = DEFAULT_MULTIPLIERS, progress: bool = True,
                         checkpoint: str | os.PathLike | None = None, f_weight: float | None = None,
-                        start_a: Sequence[float] | None = None) -> dict:
+                        start_a: Sequence[float] | None = None, start_slope: Sequence[float] | None = None) -> dict:
     """Fit a schedule whose every bin is calibrated on ``windows`` (the fit split), at the lowest log loss.
 
     Args:
@@ -411,6 +412,11 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
             entropy-matched schedule*); one weight fitted to log loss elsewhere (``lookahead-fit``) does not.
         start_a: the a_j of the first round (default all 1), e.g. a per-step temperature schedule's: each
             round samples every fit prompt, and a start near the answer saves rounds.
+        start_slope: per bin, d gap / d a_j measured where ``start_a`` came from (:func:`secant_slope` of
+            the start schedule's history; NaN where unknown), used by round 1's step where it is steeper than
+            the closed form, as a fit's own secant is from round 2 on. The closed form misses how a bin's
+            a_j moves the states later text reads, so round 1's step alone overshoots (docs/design.md,
+            *Rounds, measured*).
 
     Returns ``{"objective": "entropy", "form": "untied", "max_new_tokens", "bin_size", "a", "b", "future":
     {"kind": ...}, "report": {...}}``; the report holds ``converged``, ``unreachable`` (None, or why more
@@ -428,6 +434,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
     kind, what = _future_record(future)
     num_bins, prompts = math.ceil(max_new_tokens / bin_size), len(windows)
     a, b = _first_weights(kind, num_bins, f_weight, start_a)
+    seed_slope = _start_slope(num_bins, start_slope)
     head, record, top = None, {"kind": "none"}, None
     if kind == "head":
         head = FutureEntropyHead.from_pretrained(what, model, tokenizer).eval()
@@ -495,7 +502,7 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
         # A fixed F weight leaves only the a_j to match: the per-step temperature update, b carried along.
         update = match_update(a, b, gen_means, human, use_future=kind != "none" and f_weight is None,
                               multipliers=multipliers,
-                              measured_slope=_secant_slope(history))
+                              measured_slope=_measured_slope(history, seed_slope))
         # A bin that needs more entropy at the floor of a and would stay there, b unchanged, cannot be matched by
         # more rounds: F at its weight removes more entropy than a can give back (seen with a fixed F weight).
         # Stop and say so. (Where b moves, the next round may still get there.)
@@ -520,6 +527,8 @@ def fit_entropy_matched(model, tokenizer, windows: Sequence[Window], *, max_new_
               "seconds": time.perf_counter() - started,
               "generated_tokens": generated, "f_weight": f_weight,
               "multiplier": multiplier, "num_windows": len(windows), "seed": seed,
+              "start_slope": None if seed_slope is None else [x if math.isfinite(x) else None
+                                                              for x in seed_slope.tolist()],
               "log_loss_base": base_loss, **bins["summary"],
               "bins": bins["rows"], "history": history}
     return {"objective": "entropy", **schedule_calibration(a, b, max_new_tokens, bin_size), "future": record,
@@ -542,16 +551,33 @@ def _first_weights(kind: str, num_bins: int, f_weight, start_a) -> tuple[torch.T
             raise ValueError(f"`f_weight` must be a finite number of at least 0, but is {f_weight!r}")
     a = torch.ones(num_bins, dtype=torch.float64)
     if start_a is not None:
-        values = list(start_a) if isinstance(start_a, Iterable) and not isinstance(start_a, (str, bytes)) else None
-        if values is None or len(values) != num_bins or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and MIN_A <= x < math.inf for x in values):
-            raise ValueError(f"`start_a` must be {num_bins} numbers (one per bin), each at least {MIN_A}, but is "
-                             f"{start_a!r}")
-        a = torch.tensor([float(x) for x in values], dtype=torch.float64)
+        a = _per_bin("start_a", start_a, num_bins, lambda x: MIN_A <= x < math.inf, f"each at least {MIN_A}")
     return a, torch.full((num_bins,), float(f_weight or 0.0), dtype=torch.float64)
 
 
-def _secant_slope(history: list[dict]) -> torch.Tensor | None:
+def _per_bin(name: str, value, num_bins: int, accept: Callable[[float], bool], requirement: str) -> torch.Tensor:
+    """``value`` as one float64 per bin, each real number passing ``accept``; else an error naming it."""
+    values = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else None
+    if values is None or len(values) != num_bins or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and accept(x) for x in values):
+        raise ValueError(f"`{name}` must be {num_bins} numbers (one per bin), {requirement}, but is {value!r}")
+    return torch.tensor([float(x) for x in values], dtype=torch.float64)
+
+
+def _start_slope(num_bins: int, start_slope) -> torch.Tensor | None:
+    """``start_slope`` checked: each negative (a bin's entropy falls as its a_j rises) or NaN (unknown)."""
+    return None if start_slope is None else _per_bin(
+        "start_slope", start_slope, num_bins, lambda x: math.isnan(x) or -math.inf < x < 0, "each negative or NaN")
+
+
+def _measured_slope(history: list[dict], start_slope: torch.Tensor | None) -> torch.Tensor | None:
+    """The slope a round's step may steepen to: the fit's own secant, or before it has one, the start's.
+    (Not part of the checkpoint's identity: it shapes round 1's step only, whose result the checkpoint keeps.)"""
+    own = secant_slope(history)
+    return start_slope if own is None and len(history) == 1 else own
+
+
+def secant_slope(history: list[dict]) -> torch.Tensor | None:
     """Per bin, (gap change) / (a change) across the last two measured rounds; NaN where a did not move
     or the gap moved the wrong way (noise), None before the second round."""
     if len(history) < 2:

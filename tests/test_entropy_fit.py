@@ -212,6 +212,23 @@ def test_lm_fit_with_a_fixed_f_weight_matches_only_a(lm):
     assert sum(fixed["a"]) < sum(plain["a"])
 
 
+def test_lm_fit_sizes_its_first_step_by_the_start_slope(lm):
+    """start_slope: round 1's step uses the start's measured slope where it is steeper than the closed form,
+    and only round 1's (round 2 on, the fit's own secant)."""
+    model, tokenizer, windows = lm
+    settings = dict(max_new_tokens=STEPS, bin_size=4, batch_size=6, progress=False)
+    free = fit_entropy_matched(model, tokenizer, windows, max_rounds=2, **settings)["report"]["history"]
+    steep = fit_entropy_matched(model, tokenizer, windows, max_rounds=2, start_slope=[-1e3, math.nan, -1e-6],
+                                **settings)["report"]
+    seeded = steep["history"]
+    assert steep["start_slope"] == [-1e3, None, -1e-6]
+    assert seeded[0]["gap"] == pytest.approx(free[0]["gap"])  # the same first round
+    gap, a1, a2 = seeded[0]["gap"][0], seeded[0]["a"][0], seeded[1]["a"][0]
+    assert a2 - a1 == pytest.approx(-gap / -1e3) and abs(free[1]["a"][0] - a1) > 10 * abs(a2 - a1)
+    # Unknown (NaN) or shallower than the closed form: the closed-form step, as without a start slope.
+    assert seeded[1]["a"][1:] == pytest.approx(free[1]["a"][1:])
+
+
 def test_lm_fit_that_runs_out_of_rounds_says_so(lm):
     model, tokenizer, windows = lm
     fit = fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, batch_size=6,
@@ -238,6 +255,9 @@ def test_lm_fit_bad_arguments(lm):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, start_a=[1.0])
     with pytest.raises(ValueError, match="`start_a` must be 3 numbers"):
         fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, start_a=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"`start_slope` must be 3 numbers \(one per bin\), each negative or NaN, "
+                                         r"but is \[-1.0, 2.0, -1.0\]"):
+        fit_entropy_matched(model, tokenizer, windows, max_new_tokens=STEPS, bin_size=4, start_slope=[-1.0, 2.0, -1.0])
 
 
 def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
@@ -296,8 +316,12 @@ def test_cli_fit_writes_a_schedule_that_measure_samples(tmp_path, capsys):
     restarted = tmp_path / "restarted.json"
     assert main([*fit_args[:-2], "--start", str(schedule_file), "--out", str(restarted)]) == 0
     capsys.readouterr()
-    first = json.loads(restarted.read_text())["report"]["history"][0]
-    assert first["a"] == pytest.approx(record["a"])
+    report = json.loads(restarted.read_text())["report"]
+    assert report["history"][0]["a"] == pytest.approx(record["a"])
+    # ...and the start's own last two rounds give round 1's step its measured slope (NaN written as null).
+    from calibrated_sampling.entropy_fit import secant_slope
+    secant = secant_slope(record["report"]["history"]).tolist()
+    assert report["start_slope"] == [None if math.isnan(x) else pytest.approx(x) for x in secant]
     assert main([*fit_args[:-2], "--bin-size", "8", "--start", str(schedule_file), "--out", str(tmp_path / "b.json")]) == 2
     assert "has 4-step bins, but `--bin-size` is 8" in capsys.readouterr().err
     # --f-weight with the lookahead's F: this near-uniform model needs a near its floor already (the temperature
@@ -387,16 +411,16 @@ def test_a_fit_interrupted_mid_pass_resumes_at_its_next_batch(lm, tmp_path, monk
         fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
 
 
-def test_secant_slope_steepens_a_newton_step_that_would_overshoot():
+def testsecant_slope_steepens_a_newton_step_that_would_overshoot():
     """Where a bin's gap moved more than the closed-form slope predicts (the states a bin visits move
     with a), the step uses the measured secant; noise in the wrong direction is ignored."""
-    from calibrated_sampling.entropy_fit import _secant_slope, match_update
+    from calibrated_sampling.entropy_fit import match_update, secant_slope
 
     history = [{"a": [1.0, 1.0, 1.0], "gap": [1.0, 1.0, 0.2]}, {"a": [1.1, 1.0, 1.1], "gap": [-0.2, 0.9, 0.3]}]
-    slope = _secant_slope(history)
+    slope = secant_slope(history)
     assert slope[0].item() == pytest.approx(-12.0)
     assert torch.isnan(slope[1]) and torch.isnan(slope[2])  # a did not move; the gap rose as a rose
-    assert _secant_slope(history[:1]) is None
+    assert secant_slope(history[:1]) is None
 
     def human(ab, keys=None):  # a human side whose log loss does not depend on the schedule
         k = ab.shape[1]
