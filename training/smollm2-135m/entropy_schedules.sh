@@ -52,7 +52,8 @@
 #      --batch-size 16 --max-rounds 6 --lookahead-top 16 --f-weight 0.1005 \
 #      --out schedules/smollm2-135m-pydoc-128-lookahead-alpha-one-bin.json)
 #   (the lookahead's fixed-weight schedule on Austen, 48 fit prompts x 512 as the others there: a pass and rounds of
-#    80-90 min each on 2 cores, run over several sessions (the same command resumes at the batch it stopped in):
+#    70-90 min each on 2 cores, run over three sessions (the same command resumes at the batch it stopped in);
+#    it converged in 3 rounds:
 #    FITS=lookahead-alpha F_WEIGHT=0.1005 ... the fit line alone:
 #    calibrated-sampling fit --model smollm2-135m --data ../shared/data/austen --num-prompts 48 --max-new-tokens 512 \
 #      --bin-size 64 --batch-size 16 --max-rounds 8 --lookahead-top 16 --f-weight 0.1005 \
