@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-from calibrated_sampling.entropy_fit import secant_slope
+from calibrated_sampling.entropy_fit import MAX_A_STEP, secant_slope
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         first, second = rounds[0], rounds[1]
         secant = secant_slope(rounds[:2]).tolist()
-        moved = [abs(a2 - a1) > 1e-4 for a1, a2 in zip(first["a"], second["a"])]
+        # A step clipped to the trust region says nothing of the slope it used.
+        moved = [1e-4 < abs(a2 - a1) < MAX_A_STEP - 1e-9 for a1, a2 in zip(first["a"], second["a"])]
         closed = [-g / (a2 - a1) if m else float("nan") for g, a1, a2, m in zip(first["gap"], first["a"], second["a"], moved)]
         ratio = [s / c for s, c in zip(secant, closed) if math.isfinite(s) and math.isfinite(c) and c < 0]
         ratios += ratio
