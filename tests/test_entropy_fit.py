@@ -411,7 +411,7 @@ def test_a_fit_interrupted_mid_pass_resumes_at_its_next_batch(lm, tmp_path, monk
         fit_entropy_matched(model, tok, windows, checkpoint=checkpoint, **settings)
 
 
-def testsecant_slope_steepens_a_newton_step_that_would_overshoot():
+def test_secant_slope_steepens_a_newton_step_that_would_overshoot():
     """Where a bin's gap moved more than the closed-form slope predicts (the states a bin visits move
     with a), the step uses the measured secant; noise in the wrong direction is ignored."""
     from calibrated_sampling.entropy_fit import match_update, secant_slope
