@@ -144,6 +144,13 @@ def _slope_a(slope: torch.Tensor, gen_slope: torch.Tensor) -> torch.Tensor:
     return torch.where(slope < -1e-8, slope, fallback)
 
 
+def steeper_slope(closed: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+    """Per bin, the measured d gap / d a_j where it is known (finite) and steeper than the closed form's."""
+    if measured is None:
+        return closed
+    return torch.where(torch.isfinite(measured), torch.minimum(closed, measured), closed)
+
+
 def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[torch.Tensor], dict], *,
                  use_future: bool, multipliers: Sequence[float] | float = DEFAULT_MULTIPLIERS,
                  b_damping: float = 1.0, measured_slope: torch.Tensor | None = None) -> dict:
@@ -171,9 +178,7 @@ def match_update(a: torch.Tensor, b: torch.Tensor, gen: dict, human: Callable[[t
     """
     now = human(torch.stack([a, b], -1)[:, None])
     gap = gen["entropy"] - now["loss"][:, 0]
-    slope_a = _slope_a(gen["dh_da"] - now["grad_a"][:, 0], gen["dh_da"])
-    if measured_slope is not None:
-        slope_a = torch.where(torch.isfinite(measured_slope), torch.minimum(slope_a, measured_slope), slope_a)
+    slope_a = steeper_slope(_slope_a(gen["dh_da"] - now["grad_a"][:, 0], gen["dh_da"]), measured_slope)
     slope_b = gen["dh_db"] - now["grad_b"][:, 0]
     if gen.get("jac_a") is not None:
         # Total derivatives of every bin's gap (the exact reference has them): a full Newton step.
@@ -571,10 +576,11 @@ def _start_slope(num_bins: int, start_slope) -> torch.Tensor | None:
 
 
 def _measured_slope(history: list[dict], start_slope: torch.Tensor | None) -> torch.Tensor | None:
-    """The slope a round's step may steepen to: the fit's own secant, or before it has one, the start's.
-    (Not part of the checkpoint's identity: it shapes round 1's step only, whose result the checkpoint keeps.)"""
+    """The slope a round's step may steepen to: the fit's own secant, or before it has one (round 1), the
+    start's. (Not part of the checkpoint's identity: it shapes round 1's step only, whose result the
+    checkpoint keeps.)"""
     own = secant_slope(history)
-    return start_slope if own is None and len(history) == 1 else own
+    return start_slope if own is None else own
 
 
 def secant_slope(history: list[dict]) -> torch.Tensor | None:

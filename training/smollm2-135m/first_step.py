@@ -21,7 +21,9 @@ import math
 import statistics
 from pathlib import Path
 
-from calibrated_sampling.entropy_fit import MAX_A_STEP, secant_slope
+import torch
+
+from calibrated_sampling.entropy_fit import MAX_A_STEP, secant_slope, steeper_slope
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,10 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         seed = None if start is None else secant_slope(schedules[start])
         if seed is None:
             continue
-        predicted = []
-        for g, c, s, true, se in zip(first["gap"], closed, seed.tolist(), secant, second["gap_stderr"]):
-            used = min(c, s) if math.isfinite(s) else c
-            predicted.append((g + true * (-g / used)) / se if math.isfinite(true) and math.isfinite(used) else float("nan"))
+        used = steeper_slope(torch.tensor(closed, dtype=torch.float64), seed).tolist()  # the rule of fit --start
+        predicted = [(g + true * (-g / u)) / se if math.isfinite(true) and math.isfinite(u) else float("nan")
+                     for g, u, true, se in zip(first["gap"], used, secant, second["gap_stderr"])]
         print(f"  round 2 gap / s.e., had the first step used {start.name}'s secant (predicted): "
               + " ".join(f"{p:+.2f}" for p in predicted))
     if ratios:
